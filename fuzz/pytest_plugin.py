@@ -1,0 +1,1 @@
+"""pytest plugin (work in progress this session)."""

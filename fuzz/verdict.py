@@ -1,0 +1,134 @@
+"""What one bounded generation of one prompt under one precision policy found.
+
+These plain records travel everywhere: the probe fills them, `fuzz check --json` prints them, the
+corpus stores them, the report draws them. They hold only JSON-friendly values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+StopReason = Literal["eos", "nonfinite", "max_new_tokens", "timeout"]
+
+
+def layer_label(layer: int, num_layers: int) -> str:
+    """Layers are counted from 0; the embedding is 'embedding' and the head is 'head'."""
+    if layer < 0:
+        return "embedding"
+    if layer >= num_layers:
+        return "head"
+    return str(layer)
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The first non-finite value of a run, in execution order.
+
+    step: 0 is the prefill, k >= 1 the k-th decode step. layer: 0-based (-1 embedding, L the
+    final norm / logits). position: index in the full token sequence (0 is BOS when present).
+    token_id: the input token at that position. kind: 'nan' or 'inf' (nan wins when both).
+    """
+
+    step: int
+    layer: int
+    site: str
+    position: int
+    token_id: int
+    kind: Literal["nan", "inf"]
+    # Optional explanation of a residual-stream overflow: the channel and the two terms whose sum
+    # passed the dtype's limit (filled by fuzz.probe.explain for residual sites).
+    channel: Optional[int] = None
+    terms: Optional[tuple[float, float]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["terms"] is not None:
+            d["terms"] = list(d["terms"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NonFinite":
+        d = dict(d)
+        if d.get("terms") is not None:
+            d["terms"] = tuple(d["terms"])
+        return cls(**d)
+
+
+@dataclass
+class Verdict:
+    """One prompt, one policy, one bounded greedy generation."""
+
+    prompt: str
+    prompt_ids: list[int]  # as fed to the model, BOS included when add_bos
+    add_bos: bool
+    policy: str
+    finite: bool
+    first_nonfinite: Optional[NonFinite]
+    # max |x| over every step and every real position: {layer_label: {site: value}};
+    # non-finite values are stored as float('inf') / float('nan').
+    max_abs: dict[str, dict[str, float]]
+    # the same, excluding position 0 when it is BOS (the attention sink every prompt shares)
+    content_max_abs: dict[str, dict[str, float]]
+    # the largest finite value each site's dtype can hold: {site_key: limit} where site_key is
+    # "layer_label/site"; headroom = limit / max_abs
+    limits: dict[str, float] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)  # generated ids
+    text: str = ""
+    steps: int = 0  # forward passes run
+    stopped: StopReason = "max_new_tokens"
+
+    def headroom(self, content_only: bool = False) -> dict[str, dict[str, float]]:
+        table = self.content_max_abs if content_only else self.max_abs
+        out: dict[str, dict[str, float]] = {}
+        for layer, sites in table.items():
+            for site, value in sites.items():
+                limit = self.limits.get(f"{layer}/{site}", float("inf"))
+                out.setdefault(layer, {})[site] = _headroom(limit, value)
+        return out
+
+    def min_headroom(self, content_only: bool = False) -> float:
+        """The smallest headroom over every site (0 when something was non-finite)."""
+        values = [v for sites in self.headroom(content_only).values() for v in sites.values()]
+        return min(values, default=float("inf"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["first_nonfinite"] = self.first_nonfinite.to_dict() if self.first_nonfinite else None
+        d["headroom"] = self.headroom()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+        d = {k: v for k, v in d.items() if k != "headroom"}
+        if d.get("first_nonfinite") is not None:
+            d["first_nonfinite"] = NonFinite.from_dict(d["first_nonfinite"])
+        return cls(**d)
+
+
+def _headroom(limit: float, value: float) -> float:
+    if value != value or value == float("inf"):  # nan or inf: no headroom left
+        return 0.0
+    if value == 0:
+        return float("inf")
+    return limit / value
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def from_json_safe(value: Any) -> Any:
+    """Inverse of json_safe for the numeric tables (max_abs, limits)."""
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: from_json_safe(v) for k, v in value.items()}
+    return value
