@@ -1,0 +1,283 @@
+"""Bounded, batched, KV-cached greedy generation that watches every value.
+
+Each row stops at EOS, at its first non-finite value, or at the step bound; the batch stops when
+every row has (and finished rows are dropped from the batch so later steps cost only live rows).
+Rows are left-padded; positions restart at 0 on each row's first real token and padding slots get
+zero K/V (fuzz.engine.model), so a prompt's verdict in a batch equals its verdict alone.
+
+Greedy decoding hides the bug in upstream (argmax of NaN logits returns garbage silently, google/
+gemma_pytorch#10): here finiteness is checked at every site of every step instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .engine.model import RESIDUAL_SITES, Batch, Recorder
+from .probe import CaptureResidual, Probe, RowState, SiteTable, StepView, update_row
+from .verdict import Verdict
+
+DEFAULT_MAX_NEW_TOKENS = 16  # gemma_pytorch#10 went NaN after ~13 decode steps
+DEFAULT_MAX_PROMPT_TOKENS = 96  # covers llama.cpp's 64-token kernel switch with room to spare
+DEFAULT_TIME_LIMIT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What keeps every example bounded."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per generate() call
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"max_new_tokens": self.max_new_tokens, "max_prompt_tokens": self.max_prompt_tokens}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt as the user wrote it and how to feed it."""
+
+    text: str
+    add_bos: bool = True
+    chat: bool = False  # wrap in Gemma's chat template
+
+
+class Engine(Protocol):
+    """What generation needs of a model: the built-in one or the upstream adapter."""
+
+    config: object
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def new_cache(self, batch: int, max_len: int): ...
+
+    def __call__(self, batch: Batch, cache, rec: Optional[Recorder] = None,
+                 last_only: bool = True) -> torch.Tensor: ...
+
+
+class TokenizerLike(Protocol):
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, s: str, bos: bool = True, eos: bool = False,
+               max_tokens: Optional[int] = None) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def encode_prompt(tokenizer: TokenizerLike, spec: PromptSpec, bounds: Bounds) -> list[int]:
+    """Token ids as fed to the model; refuses what cannot or must not run."""
+    text = tokenizer.chat_prompt(spec.text) if spec.chat else spec.text
+    ids = tokenizer.encode(text, bos=spec.add_bos, max_tokens=bounds.max_prompt_tokens)
+    if not ids:
+        raise ValueError(
+            "the prompt is empty and BOS is off (--no-bos): there is no token to run; "
+            "give a non-empty prompt or keep BOS on"
+        )
+    return ids
+
+
+def stop_token_ids(tokenizer: TokenizerLike) -> set[int]:
+    """EOS, and Gemma's <end_of_turn> where the vocabulary has it (chat turns end there)."""
+    stops = {tokenizer.eos_id}
+    try:
+        end_of_turn = tokenizer.encode("<end_of_turn>", bos=False)
+        if len(end_of_turn) == 1:
+            stops.add(end_of_turn[0])
+    except ValueError:
+        pass
+    return stops
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's list
+    spec: PromptSpec
+    ids: list[int]
+    state: RowState
+    tokens: list[int]
+    steps: int = 0
+    stopped: Optional[str] = None
+
+
+def generate(engine: Engine, tokenizer: TokenizerLike, specs: Sequence[PromptSpec],
+             policy: str, bounds: Bounds = Bounds(),
+             extra_recorder: Optional[Recorder] = None) -> list[Verdict]:
+    """Runs every prompt in one batch and returns one Verdict each, in order."""
+    rows = [_Row(i, s, encode_prompt(tokenizer, s, bounds), RowState(s.add_bos), [])
+            for i, s in enumerate(specs)]
+    if not rows:
+        return []
+    if len(rows) > 1 and not getattr(engine, "supports_padding", True):
+        if len({len(r.ids) for r in rows}) > 1:
+            raise ValueError("this engine cannot run padded batches: use batch size 1")
+    table = _run(engine, tokenizer, rows, bounds, extra_recorder, stop_token_ids(tokenizer))
+    return [_verdict(r, policy, table, tokenizer) for r in rows]
+
+
+def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bounds,
+         extra: Optional[Recorder], stops: set[int]) -> SiteTable:
+    device = engine.device
+    width = max(len(r.ids) for r in rows)
+    max_len = width + bounds.max_new_tokens
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), max_len), dtype=torch.bool)
+    lengths = torch.tensor([len(r.ids) for r in rows])
+    for b, r in enumerate(rows):
+        ids[b, width - len(r.ids):] = torch.tensor(r.ids)
+        valid[b, width - len(r.ids):] = True
+    # Position of each slot in its row's own sequence; padding gets -1 (0 for RoPE).
+    slot_pos = torch.cumsum(valid.long(), dim=1) - 1
+    slot_pos[~valid] = -1
+    ids, valid, slot_pos = ids.to(device), valid.to(device), slot_pos.to(device)
+    probe = Probe()
+    recorder = _Tee(probe, extra)
+    cache = engine.new_cache(len(rows), max_len)
+    live = list(range(len(rows)))  # indices into rows of the rows still in the batch
+    deadline = time.monotonic() + bounds.time_limit_s
+    step, start, feed = 0, 0, ids
+    while live:
+        end = start + feed.shape[1]
+        batch = Batch(token_ids=feed, positions=slot_pos[:, start:end].clamp(min=0),
+                      slot_start=start, key_valid=valid[:, :end],
+                      key_positions=slot_pos[:, :end].clamp(min=0))
+        probe.begin_step()
+        logits = engine(batch, cache, recorder)
+        next_ids = torch.argmax(logits.float(), dim=-1)
+        stats = probe.end_step()
+        # One host transfer per step: the probe table and the next tokens together (token ids
+        # are < 2**24, exact in float32).
+        packet = torch.cat([stats.flatten(), next_ids.float()]).cpu().numpy()
+        stats_np = packet[: stats.numel()].reshape(stats.shape)
+        next_np = packet[stats.numel():].astype(np.int64)
+        pos_np = slot_pos[:, start:end].cpu().numpy()
+        feed_np = feed.cpu().numpy()
+        still = _advance(rows, live, step, stats_np, pos_np, feed_np, next_np, probe.keys,
+                         stops, bounds, time.monotonic() > deadline)
+        step += 1
+        if not still:
+            break
+        if len(still) < len(live):
+            keep = torch.tensor([live.index(i) for i in still], device=device)
+            cache.keep_rows(keep)
+            valid, slot_pos = valid.index_select(0, keep), slot_pos.index_select(0, keep)
+            next_ids = next_ids.index_select(0, keep)
+            live = still
+        # Decode: each live row feeds its last token at the next slot.
+        start = end
+        slot_pos[:, start] = torch.tensor([len(rows[i].ids) + step - 1 for i in live],
+                                          device=device)
+        valid[:, start] = True
+        feed = next_ids.view(-1, 1)
+    return SiteTable(probe.keys, probe.limits, engine.config.num_hidden_layers)
+
+
+def _advance(rows: list[_Row], live: list[int], step: int, stats: np.ndarray, pos: np.ndarray,
+             feed: np.ndarray, next_ids: np.ndarray, keys: list, stops: set[int],
+             bounds: Bounds, timed_out: bool) -> list[int]:
+    """Folds one step into each live row; returns the rows that go on."""
+    still = []
+    for b, i in enumerate(live):
+        row = rows[i]
+        update_row(row.state, step, StepView(stats[:, b], pos[b], feed[b]), keys)
+        row.steps = step + 1
+        if row.state.first is not None:
+            row.stopped = "nonfinite"
+            continue
+        token = int(next_ids[b])
+        row.tokens.append(token)
+        if token in stops:
+            row.stopped = "eos"
+        elif len(row.tokens) >= bounds.max_new_tokens:
+            row.stopped = "max_new_tokens"
+        elif timed_out:
+            row.stopped = "timeout"
+        else:
+            still.append(i)
+    return still
+
+
+def _verdict(row: _Row, policy: str, table: SiteTable, tokenizer: TokenizerLike) -> Verdict:
+    first = row.state.first
+    return Verdict(
+        prompt=row.spec.text, prompt_ids=list(row.ids), add_bos=row.spec.add_bos, policy=policy,
+        finite=first is None, first_nonfinite=first,
+        max_abs=table.table(row.state.max_abs),
+        content_max_abs=table.table(row.state.content_max_abs),
+        limits=table.limit_table(), tokens=list(row.tokens),
+        text=tokenizer.decode([t for t in row.tokens if t not in (tokenizer.eos_id,)]),
+        steps=row.steps, stopped=row.stopped or "max_new_tokens",
+    )
+
+
+class _Tee:
+    """Sends each site to the probe and, optionally, to a second recorder."""
+
+    def __init__(self, first: Recorder, second: Optional[Recorder]) -> None:
+        self.first, self.second = first, second
+
+    def site(self, layer: int, name: str, x: torch.Tensor) -> None:
+        self.first.site(layer, name, x)
+        if self.second:
+            self.second.site(layer, name, x)
+
+    def residual(self, layer: int, name: str, residual: torch.Tensor, branch: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        self.first.residual(layer, name, residual, branch, out)
+        if self.second:
+            self.second.residual(layer, name, residual, branch, out)
+
+
+def explain(engine: Engine, tokenizer: TokenizerLike, spec: PromptSpec, verdict: Verdict,
+            bounds: Bounds) -> Verdict:
+    """Adds the overflowing channel and the two terms to a residual-stream finding.
+
+    Replays the prompt alone with a recorder that captures the residual add where the first
+    non-finite value appeared; returns the verdict unchanged when there is nothing to explain."""
+    first = verdict.first_nonfinite
+    if first is None or first.site not in RESIDUAL_SITES or first.site == "embedding":
+        return verdict
+    capture = _StepCapture(first.layer, first.site, first.step)
+    generate(engine, tokenizer, [spec], verdict.policy,
+             Bounds(first.step + 1, bounds.max_prompt_tokens, bounds.time_limit_s), capture)
+    column = first.position if first.step == 0 else 0
+    found = capture.inner.channel_and_terms(column)
+    if found is None:
+        return verdict
+    channel, terms = found
+    verdict.first_nonfinite = dataclasses.replace(first, channel=channel, terms=terms)
+    return verdict
+
+
+class _StepCapture:
+    """Arms a CaptureResidual on one step only (steps counted by the embedding site)."""
+
+    def __init__(self, layer: int, site: str, step: int) -> None:
+        self.inner = CaptureResidual(layer, site)
+        self.step, self.seen = step, -1
+
+    def site(self, layer: int, name: str, x: torch.Tensor) -> None:
+        if name == "embedding":
+            self.seen += 1
+            self.inner.armed = self.seen == self.step
+
+    def residual(self, layer: int, name: str, residual: torch.Tensor, branch: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        self.inner.residual(layer, name, residual, branch, out)

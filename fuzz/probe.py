@@ -1,0 +1,174 @@
+"""Numerics probe: max |x| per layer, site and position, and the first non-finite value.
+
+Cost model: every site is reduced on the device to one float32 max |x| per (row, position) —
+one extra memory pass per instrumented tensor, no host sync. At the end of a forward step the
+generation loop moves the stacked [sites, rows, positions] table to the host together with the
+next tokens: one sync per step (see fuzz.generate). Attribution then runs on the host with numpy.
+
+A NaN anywhere in a row makes that row's max NaN (torch.amax propagates NaN), an inf makes it
+inf: so the tiny table is enough to find the first non-finite site, position and kind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .verdict import NonFinite, layer_label
+
+
+class Probe:
+    """A fuzz.engine.model.Recorder that reduces each site to [rows, positions] on the device."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, str]] = []  # (layer, site) in execution order
+        self.limits: list[float] = []  # finfo(dtype).max of each site's tensor
+        self._stats: list[torch.Tensor] = []
+
+    def begin_step(self) -> None:
+        self._stats = []
+
+    def site(self, layer: int, name: str, x: torch.Tensor) -> None:
+        if x.dim() == 4:  # attention scores [B, heads, T, S] -> max over heads and keys
+            m = x.abs().amax(dim=(1, 3))
+        else:
+            m = x.abs().amax(dim=-1)
+        index = len(self._stats)
+        if index == len(self.keys):  # first step: learn the site order once
+            self.keys.append((layer, name))
+            self.limits.append(float(torch.finfo(x.dtype).max))
+        self._stats.append(m.float())
+
+    def residual(self, layer: int, name: str, residual: torch.Tensor, branch: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        self.site(layer, name, out)
+
+    def end_step(self) -> torch.Tensor:
+        """Stacks this step's sites into [S, B, T] (still on the device).
+
+        The final norm and logits exist only for the last position (last_only): they are
+        left-padded with zeros so that their one column lines up with the last position."""
+        width = max(s.shape[-1] for s in self._stats)
+        rows = [F.pad(s, (width - s.shape[-1], 0)) if s.shape[-1] < width else s
+                for s in self._stats]
+        return torch.stack(rows)
+
+
+@dataclass
+class RowState:
+    """What the probe has seen of one prompt so far (host side)."""
+
+    add_bos: bool
+    max_abs: Optional[np.ndarray] = None  # [S] over every step and position
+    content_max_abs: Optional[np.ndarray] = None  # [S] excluding the BOS position
+    first: Optional[NonFinite] = None
+
+
+def nan_max(a: np.ndarray, axis: int) -> np.ndarray:
+    """Max that lets NaN win (a NaN anywhere is the worst news), -0 for empty axes."""
+    if a.shape[axis] == 0:
+        shape = list(a.shape)
+        del shape[axis]
+        return np.zeros(shape, dtype=a.dtype)
+    return np.max(a, axis=axis)  # numpy's max propagates NaN
+
+
+@dataclass
+class StepView:
+    """One step's table for one row, with each column's sequence position and input token."""
+
+    stats: np.ndarray  # [S, T] float32
+    positions: np.ndarray  # [T] position in the row's token sequence, -1 for padding
+    token_ids: np.ndarray  # [T]
+
+
+def update_row(row: RowState, step: int, view: StepView, keys: list[tuple[int, str]]) -> None:
+    """Folds one step into the row's maxima and records its first non-finite value, if any."""
+    real = view.positions >= 0
+    stats = view.stats[:, real]
+    positions, tokens = view.positions[real], view.token_ids[real]
+    step_max = nan_max(stats, axis=1)
+    content = stats[:, positions != 0] if row.add_bos else stats
+    step_content = nan_max(content, axis=1)
+    row.max_abs = step_max if row.max_abs is None else np.maximum(row.max_abs, step_max)
+    row.content_max_abs = (step_content if row.content_max_abs is None
+                           else np.maximum(row.content_max_abs, step_content))
+    if row.first is None:
+        row.first = first_nonfinite(stats, positions, tokens, step, keys)
+
+
+def first_nonfinite(stats: np.ndarray, positions: np.ndarray, tokens: np.ndarray, step: int,
+                    keys: list[tuple[int, str]]) -> Optional[NonFinite]:
+    """The first site (execution order) with a non-finite value; within it, the lowest position."""
+    bad = ~np.isfinite(stats)  # [S, T]
+    hit_sites = np.flatnonzero(bad.any(axis=1))
+    if hit_sites.size == 0:
+        return None
+    s = int(hit_sites[0])
+    t = int(np.flatnonzero(bad[s])[0])
+    layer, site = keys[s]
+    kind = "nan" if np.isnan(stats[s, t]) else "inf"
+    return NonFinite(step=step, layer=layer, site=site, position=int(positions[t]),
+                     token_id=int(tokens[t]), kind=kind)
+
+
+@dataclass
+class SiteTable:
+    """Per-site values rendered as {layer_label: {site: value}} for a Verdict."""
+
+    keys: list[tuple[int, str]]
+    limits: list[float]
+    num_layers: int
+    labels: list[tuple[str, str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = [(layer_label(layer, self.num_layers), site) for layer, site in self.keys]
+
+    def table(self, values: Optional[np.ndarray]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        if values is None:
+            return out
+        for (layer, site), v in zip(self.labels, values.tolist()):
+            out.setdefault(layer, {})[site] = float(v)
+        return out
+
+    def limit_table(self) -> dict[str, float]:
+        return {f"{layer}/{site}": limit for (layer, site), limit in zip(self.labels, self.limits)}
+
+
+class CaptureResidual:
+    """A Recorder that keeps the two terms of one residual add, to explain an overflow.
+
+    Used once per finding (fuzz.generate.explain): the run is replayed with this recorder, which
+    captures `residual` and `branch` at (layer, site) on the given step; the overflowing channel
+    is where the finite terms sum past the dtype's limit (e.g. layer 7, channel 163: 55008 +
+    13376 -> 68384 > 65504 on Gemma 3 270M with BOS, NUMERICS.md)."""
+
+    def __init__(self, layer: int, site: str) -> None:
+        self.layer, self.name = layer, site
+        self.captured: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.armed = False
+
+    def site(self, layer: int, name: str, x: torch.Tensor) -> None:
+        pass
+
+    def residual(self, layer: int, name: str, residual: torch.Tensor, branch: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        if self.armed and layer == self.layer and name == self.name and self.captured is None:
+            self.captured = (residual.detach().float().cpu(), branch.detach().float().cpu(),
+                             out.detach().float().cpu())
+
+    def channel_and_terms(self, column: int) -> Optional[tuple[int, tuple[float, float]]]:
+        """The first channel at `column` (sequence slot) whose finite terms summed to non-finite."""
+        if self.captured is None:
+            return None
+        residual, branch, out = (t[0, column] for t in self.captured)
+        culprit = (~torch.isfinite(out)) & torch.isfinite(residual) & torch.isfinite(branch)
+        hits = torch.nonzero(culprit).flatten()
+        if hits.numel() == 0:
+            return None
+        c = int(hits[0])
+        return c, (float(residual[c]), float(branch[c]))
