@@ -76,16 +76,25 @@ class TokenizerLike(Protocol):
     eos_id: int
     pad_id: int
 
-    def encode(self, s: str, bos: bool = True, eos: bool = False,
-               max_tokens: Optional[int] = None) -> list[int]: ...
+    def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+class PromptTooLong(ValueError):
+    """The prompt is over --max-prompt-tokens (fuzzers discard such draws; a user gets the message)."""
 
 
 def encode_prompt(tokenizer: TokenizerLike, spec: PromptSpec, bounds: Bounds) -> list[int]:
     """Token ids as fed to the model; refuses what cannot or must not run."""
     text = tokenizer.chat_prompt(spec.text) if spec.chat else spec.text
-    ids = tokenizer.encode(text, bos=spec.add_bos, max_tokens=bounds.max_prompt_tokens)
+    ids = tokenizer.encode(text, bos=spec.add_bos)
+    if len(ids) > bounds.max_prompt_tokens:
+        raise PromptTooLong(
+            f"the prompt is {len(ids)} tokens{' (BOS included)' if spec.add_bos else ''}, over "
+            f"the bound of {bounds.max_prompt_tokens} tokens; shorten it or raise the bound with "
+            f"--max-prompt-tokens {len(ids)} (or more)"
+        )
     if not ids:
         raise ValueError(
             "the prompt is empty and BOS is off (--no-bos): there is no token to run; "

@@ -1,1 +1,203 @@
-"""pytest plugin (work in progress this session)."""
+"""pytest plugin: options, markers, Hypothesis profiles, model fixtures, saving shrunk failures.
+
+Registered through the `pytest11` entry point (and the root conftest.py of this repository).
+
+- One model load per process (per xdist worker), lazily, on first use; every policy's model is
+  cast from the same float32 master copy (fuzz.engine.zoo.LoadedModel.engine).
+- `gemma_policy` is parametrised over `--gemma-policies`; `gemma_bos` over the BOS modes.
+- A fuzz test fails with `fuzz.search.NewSignature` (an AssertionError). When Hypothesis has
+  finished shrinking, the exception it finally raises comes from the minimal example: this plugin
+  saves exactly that one (never an intermediate) into the corpus, deduplicated by signature under
+  a file lock, so two xdist workers finding the same bug write one case.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+from .corpus import Corpus
+from .precision import POLICIES, get_policy, parse_policies
+
+OPT_MODEL = "--gemma-model"
+OPT_POLICIES = "--gemma-policies"
+OPT_ENGINE = "--gemma-engine"
+OPT_NO_BOS = "--gemma-no-bos"
+OPT_BOTH_BOS = "--gemma-both-bos"
+OPT_MAX_NEW_TOKENS = "--gemma-max-new-tokens"
+OPT_DEVICE = "--gemma-device"
+OPT_CORPUS = "--corpus-dir"
+OPT_NO_SAVE = "--gemma-no-save"
+
+DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_POLICIES = "all"
+DEFAULT_MAX_NEW_TOKENS = 8  # CI-sized; the nightly job uses fuzz.generate's default (16)
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+# Hypothesis's explain phase re-runs the minimal example ~90 times (measured): each run is a
+# model generation here, so it is left out.
+_PHASES = [p for p in Phase if p != Phase.explain]
+settings.register_profile("ci", max_examples=10, derandomize=True, deadline=None,
+                          suppress_health_check=_SLOW_OK, phases=_PHASES, print_blob=True)
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK,
+                          phases=_PHASES)
+settings.register_profile("nightly", max_examples=2000, deadline=None,
+                          suppress_health_check=_SLOW_OK, phases=_PHASES)
+# Without --hypothesis-profile: "ci" under CI (CI=true), else "dev". Hypothesis's own plugin
+# loads --hypothesis-profile after this, so the option always wins.
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI")
+                                                                else "dev"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("gemma-fuzz", "Gemma NaN/Inf fuzzing")
+    g.addoption(OPT_MODEL, default=DEFAULT_MODEL,
+                help="model SPEC: zoo name (gemma3-270m, tiny, tiny-planted…) or .gguf path")
+    g.addoption(OPT_POLICIES, default=DEFAULT_POLICIES,
+                help=f"comma-separated policies or 'all' ({', '.join(POLICIES)})")
+    g.addoption(OPT_ENGINE, default="builtin", choices=("builtin", "upstream"))
+    g.addoption(OPT_NO_BOS, action="store_true", help="fuzz without BOS (raw continuation)")
+    g.addoption(OPT_BOTH_BOS, action="store_true", help="fuzz with and without BOS")
+    g.addoption(OPT_MAX_NEW_TOKENS, type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    g.addoption(OPT_DEVICE, default="auto", help="auto, cpu, cuda, cuda:N")
+    g.addoption(OPT_CORPUS, default=None, help="corpus directory (default: <rootdir>/corpus)")
+    g.addoption(OPT_NO_SAVE, action="store_true", help="do not save shrunk failures to corpus")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fuzz: Hypothesis prompt fuzzing through the model")
+    config.addinivalue_line("markers", "regression: replays of corpus/ cases")
+    parse_policies(config.getoption(OPT_POLICIES))  # a bad name fails here, listing valid ones
+
+
+def corpus_dir(config: pytest.Config) -> Path:
+    given = config.getoption(OPT_CORPUS)
+    return Path(given) if given else Path(config.rootpath) / "corpus"
+
+
+def bos_modes(config: pytest.Config) -> list[bool]:
+    if config.getoption(OPT_BOTH_BOS):
+        return [True, False]
+    return [False] if config.getoption(OPT_NO_BOS) else [True]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    seed = config.getoption("hypothesis_seed", default=None)
+    profile = settings._current_profile  # noqa: SLF001 (Hypothesis has no public getter)
+    return [
+        f"gemma-fuzz: model={config.getoption(OPT_MODEL)} "
+        f"policies={','.join(p.name for p in parse_policies(config.getoption(OPT_POLICIES)))} "
+        f"engine={config.getoption(OPT_ENGINE)} bos={'/'.join(map(str, bos_modes(config)))} "
+        f"max_new_tokens={config.getoption(OPT_MAX_NEW_TOKENS)} corpus={corpus_dir(config)}",
+        f"gemma-fuzz: hypothesis profile={profile} seed="
+        f"{seed if seed is not None else ('derandomized' if settings().derandomize else 'random')}",
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    config = metafunc.config
+    if "gemma_policy" in metafunc.fixturenames:
+        names = [p.name for p in parse_policies(config.getoption(OPT_POLICIES))]
+        metafunc.parametrize("gemma_policy", names, scope="session")
+    if "gemma_bos" in metafunc.fixturenames:
+        modes = bos_modes(config)
+        metafunc.parametrize("gemma_bos", modes, ids=["bos" if m else "nobos" for m in modes],
+                             scope="session")
+
+
+class FuzzHarness:
+    """What a fuzz test calls: run one prompt, fail on a new signature (or on any non-finite
+    value under a policy declared safe)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._session = None
+        self.corpus = Corpus(corpus_dir(config))
+        self._known: Optional[set] = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            from .engine.zoo import ModelNotInstalled
+            from .generate import Bounds
+            from .session import ModelOptions, Session
+
+            options = ModelOptions(self.config.getoption(OPT_MODEL),
+                                   engine=self.config.getoption(OPT_ENGINE),
+                                   device=self.config.getoption(OPT_DEVICE))
+            bounds = Bounds(max_new_tokens=self.config.getoption(OPT_MAX_NEW_TOKENS))
+            try:
+                self._session = Session.open(options, bounds, batch_size=8)
+            except ModelNotInstalled as err:
+                pytest.skip(str(err))
+        return self._session
+
+    @property
+    def known(self) -> set:
+        if self._known is None:
+            self._known = self.session.known_signatures(self.corpus)
+        return self._known
+
+    def check(self, text: str, policy: str, add_bos: bool = True) -> None:
+        from hypothesis import reject
+
+        from .generate import PromptSpec, PromptTooLong
+        from .search import error_for
+
+        spec = PromptSpec(text, add_bos=add_bos)
+        safe = get_policy(policy).expected_safe
+        try:
+            screened = self.session.screen([spec], policy, set() if safe else self.known)[0]
+        except PromptTooLong:
+            reject()  # over the token bound: not a prompt this run may feed
+        except ValueError as err:
+            if "empty" in str(err) and not add_bos:
+                reject()  # the empty prompt without BOS has no token to run
+            raise
+        if screened.new:
+            raise error_for(screened.signature)(screened, spec)
+
+
+@pytest.fixture(scope="session")
+def gemma_fuzz(request: pytest.FixtureRequest) -> FuzzHarness:
+    """The session-wide harness (one model load per worker, lazily)."""
+    return _harness(request.config)
+
+
+def _harness(config: pytest.Config) -> FuzzHarness:
+    if not hasattr(config, "_gemma_harness"):
+        config._gemma_harness = FuzzHarness(config)  # type: ignore[attr-defined]
+    return config._gemma_harness  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    if call.when != "call" or call.excinfo is None or item.config.getoption(OPT_NO_SAVE):
+        return
+    from .search import NewSignature
+
+    errors = list(_new_signatures(call.excinfo.value, NewSignature))
+    if not errors:
+        return
+    harness = _harness(item.config)
+    lines = []
+    for err in errors:
+        spec, verdict = harness.session.finalize(err.spec, err.screened.verdict.policy,
+                                                 err.screened.signature)
+        case = harness.session.case(verdict, chat=spec.chat, strategy=f"pytest:{item.nodeid}")
+        result = harness.corpus.save(case)
+        lines.append(f"{result.status}: {result.path}  prompt={spec.text!r} "
+                     f"(Hypothesis's minimal example: {err.spec.text!r})")
+    outcome.get_result().sections.append(("gemma-fuzz corpus", "\n".join(lines)))
+
+
+def _new_signatures(exc: BaseException, kind: type) -> Iterator[BaseException]:
+    if isinstance(exc, kind):
+        yield exc
+    elif isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _new_signatures(inner, kind)

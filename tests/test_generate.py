@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fuzz.engine.zoo import PLANTED_LAYER, PLANTED_TRIGGER, LoadedModel, load_model
-from fuzz.generate import Bounds, PromptSpec, explain, generate
+from fuzz.generate import Bounds, PromptSpec, PromptTooLong, explain, generate
 from fuzz.precision import POLICIES, get_policy
 
 SHORT = Bounds(max_new_tokens=4, max_prompt_tokens=64)
@@ -150,7 +150,7 @@ def test_decode_step_attribution(tiny: LoadedModel) -> None:
 
 
 def test_prompt_beyond_bound_is_refused(tiny: LoadedModel) -> None:
-    with pytest.raises(ValueError, match=r"max.prompt.tokens"):
+    with pytest.raises(PromptTooLong, match=r"over the bound of 16 tokens.*--max-prompt-tokens"):
         run(tiny, "float32", [PromptSpec("x " * 200)], Bounds(max_prompt_tokens=16))
 
 

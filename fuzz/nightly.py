@@ -1,0 +1,210 @@
+"""The fuzz job (`python -m fuzz run`): search until the budget ends, save each new signature.
+
+The budget is shared by every (policy, BOS mode) in turn — unsafe policies first, since that is
+where findings are expected — in Hypothesis rounds of `--round-examples` examples. A round ends
+early when it finds a new signature; the minimal example is explained, saved to the corpus and
+added to the known signatures, and the search goes on. Ctrl-C / SIGTERM stops the search, saves
+the shortest failing prompt of any signature still being shrunk, and writes the report.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import torch
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+import fuzz
+
+from .corpus import Corpus, Signature
+from .generate import Bounds
+from .precision import PrecisionPolicy, parse_policies
+from .search import NewSignature, Search, Stats
+from .session import ModelOptions, Session
+from .strategies import prompts
+
+
+@dataclass
+class FoundCase:
+    error: NewSignature
+    status: str
+    path: Optional[str]
+    mode: str  # "shrunk" or "interrupted" (saved before shrinking finished)
+
+
+@dataclass
+class FuzzJob:
+    session: Session
+    policies: list[PrecisionPolicy]
+    bos_modes: list[bool]
+    budget_s: float
+    corpus: Corpus
+    database: Optional[Path]
+    seed: int
+    round_examples: int
+    report: Optional[str]
+    quiet: bool = False
+    stats: Stats = field(default_factory=Stats)
+    found: list[FoundCase] = field(default_factory=list)
+    known: set[Signature] = field(default_factory=set)
+    started: float = 0.0
+    started_at: str = ""
+    stopped: str = "budget"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
+                  ) -> "FuzzJob":
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        session = Session.open(options, bounds, args.batch_size)
+        policies = parse_policies(args.policies)
+        # Unsafe policies first: that is where overflows are expected.
+        policies.sort(key=lambda p: p.expected_safe)
+        return cls(session, policies, [False] if args.no_bos else [True, False], args.budget,
+                   Corpus(Path(args.corpus)), Path(args.database) if args.database else None,
+                   args.seed if args.seed is not None else int(time.time()) % 2**31,
+                   args.round_examples, args.report, args.quiet)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def main(self) -> int:
+        self.started = time.monotonic()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.known = self.session.known_signatures(self.corpus)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        bar = self._progress_bar()
+        try:
+            self._search(bar)
+        except KeyboardInterrupt:
+            self.stopped = "interrupted"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if bar is not None:
+                bar.close()
+        self._print_summary()
+        if self.report:
+            for path in self._write_report():
+                print(f"report: {path}")
+        return 130 if self.stopped == "interrupted" else 0
+
+    def _search(self, bar) -> None:
+        combos = [(p, bos) for p in self.policies for bos in self.bos_modes]
+        deadline = self.started + self.budget_s
+        round_index = 0
+        while time.monotonic() < deadline:
+            policy, bos = combos[round_index % len(combos)]
+            self._round(policy, bos, round_index, deadline, bar)
+            round_index += 1
+
+    def _round(self, policy: PrecisionPolicy, bos: bool, index: int, deadline: float, bar) -> None:
+        search = Search(self.session, policy.name, bos, self.known, self.stats, deadline,
+                        on_batch=lambda: self._tick(bar))
+        digest = hashlib.sha256(
+            f"{self.session.model.fingerprint}/{policy.name}/bos={bos}".encode()).digest()
+        database = DirectoryBasedExampleDatabase(str(self.database)) if self.database else None
+        strategy = prompts(max_chars=4 * self.session.bounds.max_prompt_tokens)
+        try:
+            found = search.run(strategy, self.round_examples, database, digest,
+                               seed=self.seed + index)
+        except KeyboardInterrupt:
+            for err in search.pending.values():  # what shrinking had not finished
+                if err.screened.signature not in self.known:
+                    self._save(err, "interrupted")
+            raise
+        for err in found:
+            self._save(err, "shrunk")
+
+    def _save(self, err: NewSignature, mode: str) -> None:
+        spec, verdict = self.session.finalize(err.spec, err.screened.verdict.policy,
+                                              err.screened.signature)
+        if verdict.finite:  # cannot happen with a deterministic engine; say so if it does
+            print(f"warning: {spec.text!r} did not fail again on replay; not saved",
+                  file=sys.stderr)
+            return
+        case = self.session.case(verdict, chat=spec.chat, seed=self.seed,
+                                 strategy=f"fuzz.strategies.prompts/{mode}")
+        result = self.corpus.save(case)
+        self.known.add(case.signature)
+        self.found.append(FoundCase(err, result.status, str(result.path), mode))
+        err.screened.verdict = verdict
+        self.stats.findings += result.status == "saved"
+
+    # --- progress and summary ------------------------------------------------------------------
+    def _progress_bar(self):
+        if self.quiet:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=round(self.budget_s), unit="s", desc="fuzz", dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                    bar_format="{desc} {bar} {n_fmt}/{total_fmt}s {postfix}", file=sys.stderr)
+
+    def _tick(self, bar) -> None:
+        if bar is None:
+            return
+        elapsed = time.monotonic() - self.started
+        bar.n = min(round(elapsed), bar.total)
+        rate = self.stats.examples / elapsed if elapsed > 0 else 0.0
+        best = " ".join(f"{p}:{h:.3g}" for p, h in sorted(self.stats.best_headroom.items()))
+        bar.set_postfix_str(f"examples {self.stats.examples} ({rate:.2f}/s) "
+                            f"findings {len(self.found)} headroom {best}", refresh=False)
+        bar.update(0)
+
+    def _print_summary(self) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"\n{self.session.model.name}: {self.stats.examples} prompts screened in "
+              f"{elapsed:.0f}s ({self.stopped}); {len(self.found)} new signature(s), "
+              f"{sum(f.status == 'saved' for f in self.found)} saved to {self.corpus.root}")
+        for f in self.found:
+            v = f.error.screened.verdict
+            first = v.first_nonfinite
+            print(f"  {f.status:<16} {v.policy:<22} BOS {'on ' if v.add_bos else 'off'} "
+                  f"{first.kind} step {first.step} layer {first.layer} {first.site} "
+                  f"pos {first.position}  prompt {v.prompt!r}  -> {f.path}")
+        for policy, h in sorted(self.stats.best_headroom.items()):
+            print(f"  best content headroom under {policy}: {h:.3g}")
+
+    def _write_report(self) -> list[Path]:
+        from .report import write_report
+
+        return write_report(self.summary(), self.report)
+
+    def summary(self):
+        from .report import Finding, PolicySummary, RunSummary
+
+        policies = []
+        for p in self.policies:
+            findings = [Finding(f.error.screened.verdict, f.status, f.path,
+                                f.error.screened.signature,
+                                f.error.screened.verdict.first_nonfinite.channel is not None)
+                        for f in self.found if f.error.screened.verdict.policy == p.name]
+            near = self.stats.nearest.get(p.name, [])
+            policies.append(PolicySummary(
+                policy=p.name, dtype=str(p.dtype).replace("torch.", ""),
+                expected_safe=p.expected_safe, examples=self._examples_of(p.name),
+                findings=findings, nearest_misses=near,
+                best_headroom=self.stats.best_headroom.get(p.name, math.inf),
+                peak=findings[0].verdict if findings else (near[0] if near else None),
+                bos_modes=self.bos_modes))
+        return RunSummary(
+            model=self.session.model.name, fingerprint=self.session.model.fingerprint,
+            seed=self.seed, budget_s=self.budget_s, elapsed_s=time.monotonic() - self.started,
+            examples=self.stats.examples, stopped=self.stopped, device=self.session.device,
+            tool_version=fuzz.__version__, torch_version=str(torch.__version__),
+            bounds=self.session.bounds.to_dict(), policies=policies,
+            corpus_dir=str(self.corpus.root),
+            started=self.started_at)
+
+    def _examples_of(self, policy: str) -> int:
+        return self.stats.per_policy.get(policy, 0)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,175 @@
+"""The search: Hypothesis generates batches of prompts, the model screens them, new signatures fail.
+
+One Hypothesis run searches one (policy, BOS mode). An example is a LIST of prompts screened in one
+batched generation (batching amortises reading the weights, NUMERICS.md); the example fails when a
+prompt shows a signature that is not known yet. Each signature raises its own exception class,
+so Hypothesis treats each as a separate bug and shrinks each to its own minimal example (a list of
+one minimal prompt). Only those final, shrunk examples reach `Search.findings`: the intermediate
+ones never reach the corpus.
+
+Steering: every example reports `hypothesis.target()` on -log2(content headroom) — how close the
+batch came to the dtype's limit, away from the BOS sink every prompt shares — so Hypothesis's
+targeted phase mutates the nearest misses toward an overflow.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from hypothesis import HealthCheck, Phase, given, settings, target
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.database import ExampleDatabase
+from hypothesis.errors import HypothesisException
+
+from .corpus import Signature
+from .generate import PromptSpec, encode_prompt
+from .session import Screened, Session
+from .verdict import Verdict
+
+TARGET_CAP = 16.0  # score given to a non-finite batch (headroom 0): above any finite score
+
+
+class NewSignature(AssertionError):
+    """A prompt produced a non-finite value with a signature not seen before."""
+
+    def __init__(self, screened: Screened, spec: PromptSpec) -> None:
+        first = screened.verdict.first_nonfinite
+        super().__init__(
+            f"{screened.verdict.policy}: first non-finite {first.kind} at step {first.step}, "
+            f"layer {first.layer}, {first.site}, position {first.position} "
+            f"(token {first.token_id}) for prompt {spec.text!r}"
+        )
+        self.screened, self.spec = screened, spec
+
+
+_SIGNATURE_ERRORS: dict[Signature, type[NewSignature]] = {}
+
+
+def error_for(sig: Signature) -> type[NewSignature]:
+    """One exception class per signature: Hypothesis shrinks each class as its own bug."""
+    if sig not in _SIGNATURE_ERRORS:
+        name = "NewSignature_" + "_".join(str(p) for p in sig[1:]).replace("-", "_")
+        _SIGNATURE_ERRORS[sig] = type(name, (NewSignature,), {})
+    return _SIGNATURE_ERRORS[sig]
+
+
+def headroom_score(verdicts: list[Verdict]) -> float:
+    """-log2 of the smallest content headroom in the batch (bigger = closer to overflow)."""
+    worst = min((v.min_headroom(content_only=True) for v in verdicts), default=math.inf)
+    if worst <= 0:
+        return TARGET_CAP
+    if math.isinf(worst):
+        return -TARGET_CAP
+    return max(-TARGET_CAP, min(TARGET_CAP, -math.log2(worst)))
+
+
+@dataclass
+class Stats:
+    """Shared by every round of a run: what the progress bar and the report show."""
+
+    examples: int = 0  # prompts screened
+    findings: int = 0
+    per_policy: dict[str, int] = field(default_factory=dict)  # prompts screened per policy
+    best_headroom: dict[str, float] = field(default_factory=dict)  # per policy, content positions
+    nearest: dict[str, list[Verdict]] = field(default_factory=dict)  # per policy, finite only
+
+    def fold(self, policy: str, verdicts: list[Verdict], keep: int = 5) -> None:
+        self.examples += len(verdicts)
+        self.per_policy[policy] = self.per_policy.get(policy, 0) + len(verdicts)
+        for v in verdicts:
+            if not v.finite:
+                continue
+            h = v.min_headroom(content_only=True)
+            if h < self.best_headroom.get(policy, math.inf):
+                self.best_headroom[policy] = h
+            near = self.nearest.setdefault(policy, [])
+            near.append(v)
+            near.sort(key=lambda x: x.min_headroom(content_only=True))
+            del near[keep:]
+
+
+@dataclass
+class Search:
+    """Searches one (policy, BOS mode) until a new signature is found or the round ends."""
+
+    session: Session
+    policy: str
+    add_bos: bool
+    known: set[Signature]
+    stats: Stats
+    deadline: float  # time.monotonic() after which examples return at once
+    on_batch: Optional[Callable[[], None]] = None  # progress callback
+    # The shortest failing prompt seen so far per new signature: what an interrupted run saves
+    # when Hypothesis had no time to finish shrinking.
+    pending: dict[Signature, NewSignature] = field(default_factory=dict)
+
+    def check(self, texts: list[str]) -> None:
+        """The property: no prompt in the batch shows an unknown signature."""
+        if time.monotonic() > self.deadline and not self.pending:
+            return  # out of budget; but a failure being shrunk is always shrunk to the end
+        specs = [s for s in (PromptSpec(t, add_bos=self.add_bos) for t in texts) if self._fits(s)]
+        if not specs:
+            return
+        results = self.session.screen(specs, self.policy, self.known)
+        self.stats.fold(self.policy, [r.verdict for r in results])
+        target(headroom_score([r.verdict for r in results]), label=self.policy)
+        if self.on_batch:
+            self.on_batch()
+        for spec, r in zip(specs, results):
+            if r.new:
+                err = error_for(r.signature)(r, spec)
+                best = self.pending.get(r.signature)
+                if best is None or len(spec.text) < len(best.spec.text):
+                    self.pending[r.signature] = err
+                raise err
+
+    def _fits(self, spec: PromptSpec) -> bool:
+        """Over-long prompts and (without BOS) the empty prompt cannot run: leave them out."""
+        try:
+            encode_prompt(self.session.model.tokenizer, spec, self.session.bounds)
+            return True
+        except ValueError:
+            return False
+
+    def run(self, prompts: st.SearchStrategy[str], max_examples: int,
+            database: Optional[ExampleDatabase], digest: bytes,
+            seed: Optional[int] = None) -> list[NewSignature]:
+        """One Hypothesis run; returns the minimal example of every new signature it found."""
+        batch = st.lists(prompts, min_size=1, max_size=self.session.batch_size)
+
+        def prompts_stay_finite(texts: list[str]) -> None:
+            self.check(texts)
+
+        # Distinct database keys per model/policy/BOS mode (Hypothesis keys by function digest).
+        prompts_stay_finite._hypothesis_internal_add_digest = digest  # type: ignore[attr-defined]
+        test = settings(
+            max_examples=max_examples, deadline=None, database=database, derandomize=False,
+            phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+            suppress_health_check=list(HealthCheck), report_multiple_bugs=True,
+            print_blob=False,
+        )(given(batch)(prompts_stay_finite))
+        if seed is not None:
+            test = hypothesis_seed(seed)(test)
+        try:
+            test()
+        except NewSignature as err:
+            return [err]
+        except BaseExceptionGroup as group:  # several signatures, each shrunk on its own
+            matched, rest = group.split(NewSignature)
+            if rest is not None:
+                raise rest
+            return list(_leaves(matched))
+        except HypothesisException:
+            raise
+        return []
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

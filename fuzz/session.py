@@ -1,0 +1,180 @@
+"""A loaded model plus how to run it: the one object the CLI, the pytest plugin and the search share.
+
+`Session.screen()` runs prompts (batched) under a policy and says, for each failing one, whether
+its signature is new; `Session.case()` turns a failing verdict into a corpus case.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .corpus import Case, Corpus, Signature, finder_info, signature
+from .engine.zoo import LoadedModel, load_model
+from .generate import Bounds, PromptSpec, encode_prompt, explain, generate
+from .precision import POLICIES, PrecisionPolicy, get_policy
+from .verdict import Verdict
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return name
+
+
+@dataclass
+class ModelOptions:
+    """How to find and run the model under test (the CLI's and the plugin's shared options)."""
+
+    spec: str = "gemma3-270m"
+    variant: Optional[str] = None
+    config: Optional[str] = None
+    tokenizer: Optional[str] = None
+    engine: str = "builtin"
+    device: str = "auto"
+
+    def load(self) -> LoadedModel:
+        return load_model(self.spec, variant=self.variant, config_path=self.config,
+                          tokenizer_path=self.tokenizer)
+
+
+@dataclass
+class Screened:
+    verdict: Verdict
+    signature: Optional[Signature]  # None when finite
+    new: bool  # a signature not in the known set
+
+
+@dataclass
+class Session:
+    model: LoadedModel
+    engine_kind: str = "builtin"
+    device: str = "cpu"
+    bounds: Bounds = field(default_factory=Bounds)
+    batch_size: int = 8
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def open(cls, options: ModelOptions, bounds: Bounds = Bounds(), batch_size: int = 8
+             ) -> "Session":
+        if options.engine not in ("builtin", "upstream"):
+            raise ValueError(f"unknown engine {options.engine!r}; valid engines: builtin, upstream")
+        return cls(options.load(), options.engine, resolve_device(options.device), bounds,
+                   1 if options.engine == "upstream" else batch_size)
+
+    @property
+    def safe_policies(self) -> list[str]:
+        return [p.name for p in POLICIES.values() if p.expected_safe]
+
+    def engine(self, policy: PrecisionPolicy):
+        return self.model.engine(policy, self.device, self.engine_kind)
+
+    def run(self, specs: Sequence[PromptSpec], policy: str | PrecisionPolicy,
+            bounds: Optional[Bounds] = None) -> list[Verdict]:
+        """Every prompt under one policy, in batches of batch_size; verdicts in order."""
+        pol = get_policy(policy) if isinstance(policy, str) else policy
+        bounds = bounds or self.bounds
+        out: list[Verdict] = []
+        for i in range(0, len(specs), self.batch_size):
+            chunk = list(specs[i: i + self.batch_size])
+            with self._lock:  # one model, one forward at a time
+                out += generate(self.engine(pol), self.model.tokenizer, chunk, pol.name, bounds)
+        return out
+
+    def check(self, spec: PromptSpec, policy: str, bounds: Optional[Bounds] = None) -> Verdict:
+        """One prompt alone, with the overflow explained (channel and terms) when it fails."""
+        bounds = bounds or self.bounds
+        verdict = self.run([spec], policy, bounds)[0]
+        with self._lock:
+            return explain(self.engine(get_policy(policy)), self.model.tokenizer, spec, verdict,
+                           bounds)
+
+    def finalize(self, spec: PromptSpec, policy: str, sig: Signature
+                 ) -> tuple[PromptSpec, Verdict]:
+        """The prompt to save for a finding: minimized (same signature), then explained."""
+        small, _ = minimize_text(self, spec, policy, sig)
+        return small, self.check(small, policy)
+
+    def screen(self, specs: Sequence[PromptSpec], policy: str,
+               known: set[Signature]) -> list[Screened]:
+        results = []
+        for spec, v in zip(specs, self.run(specs, policy)):
+            sig = self.signature(v, spec.chat) if not v.finite else None
+            results.append(Screened(v, sig, sig is not None and sig not in known))
+        return results
+
+    def case(self, verdict: Verdict, *, chat: bool = False, seed: Optional[int] = None,
+             strategy: str = "manual", bounds: Optional[Bounds] = None) -> Case:
+        return Case.from_verdict(
+            verdict, model=self.model.name, fingerprint=self.model.fingerprint,
+            bounds=(bounds or self.bounds).to_dict(),
+            finder=finder_info(seed=seed, strategy=strategy, device=self.device),
+            chat=chat, safe_policies=self.safe_policies,
+        )
+
+    def signature(self, verdict: Verdict, chat: bool = False) -> Signature:
+        return signature(self.case(verdict, chat=chat))
+
+    def known_signatures(self, corpus: Corpus) -> set[Signature]:
+        return corpus.signatures(self.model.name)
+
+
+def deletion_candidates(text: str, chunk: int) -> list[str]:
+    """Every way to delete one run of `chunk` characters (aligned to chunk boundaries)."""
+    return [text[:i] + text[i + chunk:] for i in range(0, len(text), chunk)]
+
+
+def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
+                  max_evals: int = 400) -> tuple[PromptSpec, Optional[Verdict]]:
+    """Delta-debugging after Hypothesis: delete character runs (halving their length down to
+    one character) while the failure keeps its exact signature; candidates are screened in
+    batches. Hypothesis shrinks the structure it drew, but its strategies cannot always reach
+    the plainest text (a trigger "7" drawn inside the integer "287" shrinks by value toward
+    0, not by deleting "2" and "8"); fuzzers finish the same way (AFL's tmin, C-Reduce).
+
+    Returns the smallest prompt found (1-minimal when the budget allows) and its verdict
+    (None when nothing could be deleted)."""
+    best, best_verdict, evals = spec, None, 0
+    chunk = max(1, len(spec.text) // 2)
+    while chunk >= 1 and evals < max_evals and best.text:
+        candidates = [PromptSpec(t, spec.add_bos, spec.chat)
+                      for t in deletion_candidates(best.text, chunk)]
+        candidates = [c for c in candidates if _runnable(session, c)]
+        hit = None
+        for i in range(0, len(candidates), session.batch_size):
+            batch = candidates[i: i + session.batch_size]
+            evals += len(batch)
+            hit = _first_with_signature(session, batch, policy, sig)
+            if hit is not None or evals >= max_evals:
+                break
+        if hit is None:
+            chunk //= 2
+        else:
+            best, best_verdict = hit
+            chunk = min(chunk, max(1, len(best.text) // 2))
+    return best, best_verdict
+
+
+def _runnable(session: Session, spec: PromptSpec) -> bool:
+    try:
+        encode_prompt(session.model.tokenizer, spec, session.bounds)
+        return True
+    except ValueError:
+        return False
+
+
+def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
+                          sig: Signature) -> Optional[tuple[PromptSpec, Verdict]]:
+    if not specs:
+        return None
+    for spec, verdict in zip(specs, session.run(specs, policy)):
+        if not verdict.finite and session.signature(verdict, spec.chat) == sig:
+            return spec, verdict
+    return None

@@ -1,0 +1,146 @@
+"""The command line on synthetic models: check, add, replay, run (incl. an interrupted run)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fuzz.cli import main, parse_duration
+from fuzz.corpus import Corpus, load_case
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fuzz", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_check_json_locates_the_planted_overflow(capsys):
+    rc = main(["check", "--model", "tiny-planted", "--policy", "float16", "--prompt",
+               "kernel 7 ms", "--max-new-tokens", "3", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["finite"] is False
+    first = doc["first_nonfinite"]
+    assert (first["step"], first["layer"], first["site"], first["kind"]) == (
+        0, 2, "residual_mlp", "inf")
+    assert doc["prompt_ids"][first["position"]] == first["token_id"]
+    assert first["channel"] == 0 and len(first["terms"]) == 2
+    assert doc["max_abs"]["2"]["residual_mlp"] == "inf"  # strict JSON: inf as a string
+    assert doc["headroom"]["2"]["residual_mlp"] == 0.0
+    assert doc["tokens"] == [] and doc["text"] == ""
+
+
+def test_check_readable_table_marks_the_first_nonfinite_layer(capsys):
+    main(["check", "--model", "tiny-planted", "--policy", "float16", "--prompt", "7",
+          "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "first non-finite" in line)
+    assert line.split()[0] == "2" and "residual_mlp" in line
+    assert "channel 0:" in out
+
+
+def test_check_finite_prompt(capsys):
+    main(["check", "--model", "tiny", "--policy", "bfloat16", "--prompt", "hello",
+          "--max-new-tokens", "3", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["finite"] is True and doc["first_nonfinite"] is None
+    assert len(doc["tokens"]) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny", "--policy", "float8", "--prompt", "x"],
+     "unknown precision policy 'float8'"),
+    (["--model", "nonexistent", "--policy", "float16", "--prompt", "x"], "neither a zoo name"),
+    (["--model", "tiny", "--policy", "float16", "--no-bos", "--prompt", ""],
+     "empty and BOS is off"),
+    (["--model", "tiny", "--policy", "float16", "--max-prompt-tokens", "4", "--prompt",
+      "a b c d e f"], "over the bound of 4 tokens"),
+])
+def test_check_bad_input_is_a_clear_error(args, message, capsys):
+    assert main(["check", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_add_refuses_a_finite_prompt_and_saves_a_failing_one(tmp_path, capsys):
+    corpus = str(tmp_path / "corpus")
+    assert main(["add", "--model", "tiny-planted", "--policy", "float16", "--prompt", "hello",
+                 "--corpus", corpus, "--max-new-tokens", "2"]) == 1
+    assert "refused" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists() or not list((tmp_path / "corpus").rglob("*.json"))
+
+    assert main(["add", "--model", "tiny-planted", "--policy", "float16", "--prompt", "a 7",
+                 "--corpus", corpus, "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("saved:")
+    [path] = list((tmp_path / "corpus" / "tiny-planted").glob("*.json"))
+    case = load_case(path)
+    assert case.prompt == "a 7" and case.first_nonfinite.channel == 0
+
+    # Same signature, other prompt: covered already, not saved without --force.
+    assert main(["add", "--model", "tiny-planted", "--policy", "float16", "--prompt", "7 b",
+                 "--corpus", corpus, "--max-new-tokens", "2"]) == 0
+    assert "known-signature" in capsys.readouterr().out
+    assert len(list((tmp_path / "corpus" / "tiny-planted").glob("*.json"))) == 1
+
+
+def test_replay_reports_reproduced_cases_and_safe_policies(tmp_path, capsys):
+    corpus = str(tmp_path / "corpus")
+    main(["add", "--model", "tiny-planted", "--policy", "float16", "--prompt", "7",
+          "--corpus", corpus, "--max-new-tokens", "2"])
+    capsys.readouterr()
+    assert main(["replay", "--corpus", corpus]) == 0
+    out = capsys.readouterr().out
+    assert "0 regressions" in out and "0 cases no longer reproduce" in out
+    assert out.count("yes") == 5  # the recorded float16 + four policies declared safe
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("10m") == 600
+    assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45
+    with pytest.raises(Exception, match="invalid duration"):
+        parse_duration("soon")
+
+
+def test_run_saves_each_new_signature_once_and_writes_a_report(tmp_path):
+    corpus, report = tmp_path / "corpus", tmp_path / "report"
+    args = ["run", "--model", "tiny-planted", "--policies", "float16,bfloat16", "--budget", "45s",
+            "--corpus", str(corpus), "--database", str(tmp_path / "db"), "--seed", "3",
+            "--max-new-tokens", "2", "--round-examples", "15", "--quiet"]
+    first = run_cli(*args, "--report", str(report))
+    assert first.returncode == 0, first.stderr
+    cases = Corpus(corpus).cases("tiny-planted")
+    sigs = [c.case.signature for c in cases]
+    assert cases and len(sigs) == len(set(sigs))
+    assert all(c.case.policy == "float16" for c in cases)
+    assert report.with_suffix(".md").exists() and report.with_suffix(".html").exists()
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert len(Corpus(corpus).cases("tiny-planted")) == len(cases)  # no duplicate
+
+
+def test_sigterm_mid_run_keeps_findings_and_leaves_no_partial_file(tmp_path):
+    corpus = tmp_path / "corpus"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuzz", "run", "--model", "tiny-planted", "--policies", "float16",
+         "--budget", "10m", "--corpus", str(corpus), "--database", str(tmp_path / "db"),
+         "--seed", "5", "--max-new-tokens", "2", "--quiet", "--report", str(tmp_path / "r")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(corpus.rglob("*.json")):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    files = list(corpus.rglob("*.json"))
+    assert files, "the finding made before SIGTERM must be kept"
+    for f in files:
+        load_case(f)  # every file is a whole, valid case
+    assert not list(corpus.rglob("*.tmp"))
+    assert "interrupted" in out
+    assert (tmp_path / "r.md").exists()  # the report is still written

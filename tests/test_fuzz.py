@@ -1,0 +1,22 @@
+"""The fuzz tests: Hypothesis prompts through the model under each selected policy.
+
+A policy declared safe fails on any non-finite value; an unsafe one (plain float16) fails only on
+a signature the corpus does not hold yet. When Hypothesis has shrunk a failure, the plugin saves
+the minimal prompt to corpus/ (fuzz.pytest_plugin).
+
+    pytest tests/test_fuzz.py --gemma-policies float16 --gemma-no-bos --hypothesis-profile nightly
+"""
+import pytest
+from hypothesis import example, given
+
+from fuzz.strategies import ISSUE_10_PROMPT, prompts
+
+# About 2 characters per token on mixed text; over-long draws are rejected by the harness.
+MAX_CHARS = 160
+
+
+@pytest.mark.fuzz
+@given(text=prompts(max_chars=MAX_CHARS))
+@example(text=ISSUE_10_PROMPT)  # gemma_pytorch#10's own prompt always runs
+def test_prompt_stays_finite_or_known(gemma_fuzz, gemma_policy, gemma_bos, text):
+    gemma_fuzz.check(text, gemma_policy, add_bos=gemma_bos)
