@@ -5,10 +5,11 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from .corpus import Corpus, short_label
+from .corpus import Corpus
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds, PromptSpec
 from .precision import POLICIES
 from .session import ModelOptions, Session
@@ -19,8 +20,8 @@ DEFAULT_CORPUS = "corpus"
 
 def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '1h30m' -> seconds."""
-    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
-                         text)
+    number = r"(\d+(?:\.\d+)?)"
+    parts = re.fullmatch(rf"\s*(?:{number}h)?\s*(?:{number}m)?\s*(?:{number}s?)?\s*", text)
     if not text.strip() or parts is None or not any(parts.groups()):
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}; write e.g. 90s, 10m, 1h or 1h30m")
@@ -32,7 +33,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gemma3-270m",
                    help="zoo name (gemma3-270m, tiny, ...), a .gguf file, or a gemma_pytorch "
-                        "checkpoint (.ckpt/.pt or directory) with --variant/--config and --tokenizer")
+                        "checkpoint (.ckpt/.pt or directory) with --variant/--config and "
+                        "--tokenizer")
     g.add_argument("--variant", help="upstream variant of a checkpoint (2b, 7b, 2b-v2, 9b, 27b, "
                                      "1b, 4b, 12b, 27b_v3, 270m)")
     g.add_argument("--config", help="GemmaConfig JSON (upstream field names) of a checkpoint")

@@ -39,7 +39,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,7 +249,7 @@ def finder_info(
     return {
         "seed": seed,
         "strategy": strategy,
-        "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": date or datetime.now(UTC).isoformat(timespec="seconds"),
         "tool_version": fuzz.__version__,
         "torch_version": str(torch.__version__),
         "device": device,

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -82,7 +83,8 @@ class TokenizerLike(Protocol):
 
 
 class PromptTooLong(ValueError):
-    """The prompt is over --max-prompt-tokens (fuzzers discard such draws; a user gets the message)."""
+    """The prompt is over --max-prompt-tokens (fuzzers discard such draws; users get the
+    message)."""
 
 
 def encode_prompt(tokenizer: TokenizerLike, spec: PromptSpec, bounds: Bounds) -> list[int]:
@@ -148,7 +150,6 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
     max_len = width + bounds.max_new_tokens
     ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
     valid = torch.zeros((len(rows), max_len), dtype=torch.bool)
-    lengths = torch.tensor([len(r.ids) for r in rows])
     for b, r in enumerate(rows):
         ids[b, width - len(r.ids):] = torch.tensor(r.ids)
         valid[b, width - len(r.ids):] = True

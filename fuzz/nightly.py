@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import shlex
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ import fuzz
 from .corpus import Corpus, Signature
 from .generate import Bounds
 from .precision import PrecisionPolicy, parse_policies
-from .search import NewSignature, Search, Stats
+from .search import BudgetExhausted, NewSignature, Search, Stats
 from .session import ModelOptions, Session
 from .strategies import prompts
 
@@ -37,7 +38,7 @@ class FoundCase:
     error: NewSignature
     status: str
     path: Optional[str]
-    mode: str  # "shrunk" or "interrupted" (saved before shrinking finished)
+    mode: str  # "shrunk", or "interrupted" (saved as found, before shrinking finished)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class FuzzJob:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
-                  ) -> "FuzzJob":
+                  ) -> FuzzJob:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         session = Session.open(options, bounds, args.batch_size)
@@ -76,7 +77,7 @@ class FuzzJob:
     # --- the loop ------------------------------------------------------------------------------
     def main(self) -> int:
         self.started = time.monotonic()
-        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.known = self.session.known_signatures(self.corpus)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         bar = self._progress_bar()
@@ -113,8 +114,10 @@ class FuzzJob:
         try:
             found = search.run(strategy, self.round_examples, database, digest,
                                seed=self.seed + index)
-        except KeyboardInterrupt:
-            for err in search.pending.values():  # what shrinking had not finished
+        except BudgetExhausted:  # shrinking outlived the budget: minimize what it had so far
+            found = list(search.pending.values())
+        except KeyboardInterrupt:  # save at once, unminimized: a second signal may follow
+            for err in search.pending.values():
                 if err.screened.signature not in self.known:
                     self._save(err, "interrupted")
             raise
@@ -122,8 +125,12 @@ class FuzzJob:
             self._save(err, "shrunk")
 
     def _save(self, err: NewSignature, mode: str) -> None:
-        spec, verdict = self.session.finalize(err.spec, err.screened.verdict.policy,
-                                              err.screened.signature)
+        found = err.screened.verdict
+        if mode == "interrupted":
+            spec, verdict = err.spec, found
+        else:
+            spec, verdict = self.session.finalize(err.spec, found.policy, err.screened.signature,
+                                                  found.first_nonfinite.step)
         if verdict.finite:  # cannot happen with a deterministic engine; say so if it does
             print(f"warning: {spec.text!r} did not fail again on replay; not saved",
                   file=sys.stderr)
@@ -200,7 +207,8 @@ class FuzzJob:
             tool_version=fuzz.__version__, torch_version=str(torch.__version__),
             bounds=self.session.bounds.to_dict(), policies=policies,
             corpus_dir=str(self.corpus.root),
-            started=self.started_at)
+            started=self.started_at, engine=self.session.engine_kind,
+            command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
     def _examples_of(self, policy: str) -> int:
         return self.stats.per_policy.get(policy, 0)

@@ -13,8 +13,9 @@ Registered through the `pytest11` entry point (and the root conftest.py of this 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -108,6 +109,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                              scope="session")
 
 
+def worker_device(device: str) -> str:
+    """'auto' under pytest-xdist with several GPUs: worker gwN takes cuda:(N mod GPUs), so
+    `pytest -n <GPUs>` runs one worker per GPU (they share the corpus and the example database)."""
+    import torch
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if device != "auto" or not worker.startswith("gw") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+
+
 class FuzzHarness:
     """What a fuzz test calls: run one prompt, fail on a new signature (or on any non-finite
     value under a policy declared safe)."""
@@ -127,7 +139,7 @@ class FuzzHarness:
 
             options = ModelOptions(self.config.getoption(OPT_MODEL),
                                    engine=self.config.getoption(OPT_ENGINE),
-                                   device=self.config.getoption(OPT_DEVICE))
+                                   device=worker_device(self.config.getoption(OPT_DEVICE)))
             bounds = Bounds(max_new_tokens=self.config.getoption(OPT_MAX_NEW_TOKENS))
             try:
                 self._session = Session.open(options, bounds, batch_size=8)
@@ -186,8 +198,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     harness = _harness(item.config)
     lines = []
     for err in errors:
-        spec, verdict = harness.session.finalize(err.spec, err.screened.verdict.policy,
-                                                 err.screened.signature)
+        found = err.screened.verdict
+        spec, verdict = harness.session.finalize(err.spec, found.policy, err.screened.signature,
+                                                 found.first_nonfinite.step)
         case = harness.session.case(verdict, chat=spec.chat, strategy=f"pytest:{item.nodeid}")
         result = harness.corpus.save(case)
         lines.append(f"{result.status}: {result.path}  prompt={spec.text!r} "

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from hypothesis import HealthCheck, Phase, given, settings, target
 from hypothesis import seed as hypothesis_seed
@@ -30,6 +31,14 @@ from .session import Screened, Session
 from .verdict import Verdict
 
 TARGET_CAP = 16.0  # score given to a non-finite batch (headroom 0): above any finite score
+
+
+SHRINK_GRACE_S = 120.0  # how far past the budget a shrink in progress may run
+
+
+class BudgetExhausted(BaseException):
+    """Raised from inside a Hypothesis run (a BaseException, so Hypothesis lets it through
+    instead of treating it as a failure to shrink) when a shrink outlives the budget's grace."""
 
 
 class NewSignature(AssertionError):
@@ -86,6 +95,8 @@ class Stats:
             if h < self.best_headroom.get(policy, math.inf):
                 self.best_headroom[policy] = h
             near = self.nearest.setdefault(policy, [])
+            if any(n.prompt == v.prompt and n.add_bos == v.add_bos for n in near):
+                continue  # Hypothesis replays examples: keep each prompt once
             near.append(v)
             near.sort(key=lambda x: x.min_headroom(content_only=True))
             del near[keep:]
@@ -108,12 +119,19 @@ class Search:
 
     def check(self, texts: list[str]) -> None:
         """The property: no prompt in the batch shows an unknown signature."""
-        if time.monotonic() > self.deadline and not self.pending:
-            return  # out of budget; but a failure being shrunk is always shrunk to the end
+        now = time.monotonic()
+        if now > self.deadline and not self.pending:
+            return  # out of budget: the remaining examples of this round cost nothing
+        if now > self.deadline + SHRINK_GRACE_S:
+            raise BudgetExhausted  # the caller saves the shortest failing prompt per signature
         specs = [s for s in (PromptSpec(t, add_bos=self.add_bos) for t in texts) if self._fits(s)]
         if not specs:
             return
-        results = self.session.screen(specs, self.policy, self.known)
+        # Once a failure is being shrunk, candidates need run no further than its step.
+        cap = max((e.screened.verdict.first_nonfinite.step for e in self.pending.values()),
+                  default=None)
+        bounds = self.session.capped(cap) if cap is not None else None
+        results = self.session.screen(specs, self.policy, self.known, bounds)
         self.stats.fold(self.policy, [r.verdict for r in results])
         target(headroom_score([r.verdict for r in results]), label=self.policy)
         if self.on_batch:
@@ -160,7 +178,7 @@ class Search:
         except BaseExceptionGroup as group:  # several signatures, each shrunk on its own
             matched, rest = group.split(NewSignature)
             if rest is not None:
-                raise rest
+                raise rest from None
             return list(_leaves(matched))
         except HypothesisException:
             raise

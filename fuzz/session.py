@@ -1,13 +1,15 @@
-"""A loaded model plus how to run it: the one object the CLI, the pytest plugin and the search share.
+"""A loaded model plus how to run it: what the CLI, the pytest plugin and the search share.
 
 `Session.screen()` runs prompts (batched) under a policy and says, for each failing one, whether
 its signature is new; `Session.case()` turns a failing verdict into a corpus case.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -62,11 +64,12 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def open(cls, options: ModelOptions, bounds: Bounds = Bounds(), batch_size: int = 8
-             ) -> "Session":
+    def open(cls, options: ModelOptions, bounds: Optional[Bounds] = None, batch_size: int = 8
+             ) -> Session:
         if options.engine not in ("builtin", "upstream"):
             raise ValueError(f"unknown engine {options.engine!r}; valid engines: builtin, upstream")
-        return cls(options.load(), options.engine, resolve_device(options.device), bounds,
+        return cls(options.load(), options.engine, resolve_device(options.device),
+                   bounds or Bounds(),
                    1 if options.engine == "upstream" else batch_size)
 
     @property
@@ -96,16 +99,24 @@ class Session:
             return explain(self.engine(get_policy(policy)), self.model.tokenizer, spec, verdict,
                            bounds)
 
-    def finalize(self, spec: PromptSpec, policy: str, sig: Signature
+    def finalize(self, spec: PromptSpec, policy: str, sig: Signature, step: int
                  ) -> tuple[PromptSpec, Verdict]:
-        """The prompt to save for a finding: minimized (same signature), then explained."""
-        small, _ = minimize_text(self, spec, policy, sig)
+        """The prompt to save for a finding: minimized (same signature, failing by the same
+        decode step), then explained under the full bounds."""
+        small, _ = minimize_text(self, spec, policy, sig, self.capped(step))
         return small, self.check(small, policy)
 
-    def screen(self, specs: Sequence[PromptSpec], policy: str,
-               known: set[Signature]) -> list[Screened]:
+    def capped(self, step: int) -> Bounds:
+        """The bounds cut to `step` decode steps: a failure seen at step k needs no more. While
+        shrinking, this turns most candidates into a prefill alone (step 0) — measured, a
+        Hypothesis shrink with the full 16 steps ran into its 5-minute limit on Gemma 3 270M."""
+        return dataclasses.replace(self.bounds,
+                                   max_new_tokens=min(self.bounds.max_new_tokens, step + 1))
+
+    def screen(self, specs: Sequence[PromptSpec], policy: str, known: set[Signature],
+               bounds: Optional[Bounds] = None) -> list[Screened]:
         results = []
-        for spec, v in zip(specs, self.run(specs, policy)):
+        for spec, v in zip(specs, self.run(specs, policy, bounds)):
             sig = self.signature(v, spec.chat) if not v.finite else None
             results.append(Screened(v, sig, sig is not None and sig not in known))
         return results
@@ -132,7 +143,8 @@ def deletion_candidates(text: str, chunk: int) -> list[str]:
 
 
 def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
-                  max_evals: int = 400) -> tuple[PromptSpec, Optional[Verdict]]:
+                  bounds: Optional[Bounds] = None, max_evals: int = 400
+                  ) -> tuple[PromptSpec, Optional[Verdict]]:
     """Delta-debugging after Hypothesis: delete character runs (halving their length down to
     one character) while the failure keeps its exact signature; candidates are screened in
     batches. Hypothesis shrinks the structure it drew, but its strategies cannot always reach
@@ -151,7 +163,7 @@ def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signatur
         for i in range(0, len(candidates), session.batch_size):
             batch = candidates[i: i + session.batch_size]
             evals += len(batch)
-            hit = _first_with_signature(session, batch, policy, sig)
+            hit = _first_with_signature(session, batch, policy, sig, bounds)
             if hit is not None or evals >= max_evals:
                 break
         if hit is None:
@@ -171,10 +183,11 @@ def _runnable(session: Session, spec: PromptSpec) -> bool:
 
 
 def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
-                          sig: Signature) -> Optional[tuple[PromptSpec, Verdict]]:
+                          sig: Signature, bounds: Optional[Bounds]
+                          ) -> Optional[tuple[PromptSpec, Verdict]]:
     if not specs:
         return None
-    for spec, verdict in zip(specs, session.run(specs, policy)):
+    for spec, verdict in zip(specs, session.run(specs, policy, bounds)):
         if not verdict.finite and session.signature(verdict, spec.chat) == sig:
             return spec, verdict
     return None

@@ -48,7 +48,7 @@ class NonFinite:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NonFinite":
+    def from_dict(cls, d: dict[str, Any]) -> NonFinite:
         d = dict(d)
         if d.get("terms") is not None:
             d["terms"] = tuple(d["terms"])
@@ -99,7 +99,7 @@ class Verdict:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
         d = {k: v for k, v in d.items() if k != "headroom"}
         if d.get("first_nonfinite") is not None:
             d["first_nonfinite"] = NonFinite.from_dict(d["first_nonfinite"])

@@ -16,7 +16,7 @@ from fuzz.strategies import prompts
 
 
 @pytest.mark.parametrize("copy", [0, 1])
-@settings(max_examples=300, derandomize=True, database=None,
+@settings(max_examples=120, derandomize=True, database=None,
           phases=[p for p in Phase if p.name != "explain"])
 @given(text=prompts(max_chars=40))
 def test_planted(gemma_fuzz, copy, text):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -115,7 +116,7 @@ class GemmaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "GemmaConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> GemmaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -138,7 +139,7 @@ class GemmaConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "GemmaConfig":
+    def from_json(cls, path: str | Path) -> GemmaConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -121,7 +121,7 @@ class Embedding(nn.Module):
 
 
 def rope_frequencies(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Upstream's precompute_freqs_cis, evaluated only at the positions needed ([B, T] -> complex)."""
+    """Upstream's precompute_freqs_cis, evaluated at the positions needed ([B, T] -> complex)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2]
                              .float() / head_dim))
     angles = positions.unsqueeze(-1).float() * freqs  # same float32 product as torch.outer
@@ -145,7 +145,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.attn_type = attn_type
-        self.window = config.sliding_window_size if attn_type == AttentionType.LOCAL_SLIDING else None
+        local = attn_type == AttentionType.LOCAL_SLIDING
+        self.window = config.sliding_window_size if local else None
         self.softcap = config.attn_logit_softcapping
         self.qkv_proj = Linear(config.hidden_size,
                                (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
@@ -161,7 +162,8 @@ class Attention(nn.Module):
         q_pos = batch.positions.unsqueeze(-1)  # [B, T, 1]
         k_pos = batch.key_positions.unsqueeze(1)  # [B, 1, S]
         slots = torch.arange(batch.key_valid.shape[1], device=q_pos.device)
-        q_slot = (batch.slot_start + torch.arange(q_pos.shape[1], device=q_pos.device)).view(1, -1, 1)
+        q_slot = batch.slot_start + torch.arange(q_pos.shape[1], device=q_pos.device)
+        q_slot = q_slot.view(1, -1, 1)
         allowed = (slots.view(1, 1, -1) <= q_slot) & batch.key_valid.unsqueeze(1)
         if self.window is not None:
             allowed &= (q_pos - k_pos) < self.window
@@ -293,7 +295,8 @@ class GemmaStack(nn.Module):
 
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -384,7 +387,7 @@ def parameter_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def prompt_batch(token_ids: torch.Tensor) -> Batch:
-    """A batch of unpadded rows starting at slot 0 (for whole-sequence forwards and parity tests)."""
+    """Unpadded rows starting at slot 0 (whole-sequence forwards, parity tests)."""
     b, t = token_ids.shape
     pos = torch.arange(t, device=token_ids.device).expand(b, t)
     return Batch(token_ids=token_ids, positions=pos, slot_start=0,

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -179,7 +180,6 @@ def real_gguf_path() -> Path:
 
 
 def load_gguf_model(path: str | Path, name: Optional[str] = None) -> LoadedModel:
-    from .tokenizer import Tokenizer
     from .weights import load_gguf
 
     path = Path(path)
@@ -237,7 +237,8 @@ def is_installed(name: str) -> bool:
 def load_model(spec: str, *, variant: Optional[str] = None, config_path: Optional[str] = None,
                tokenizer_path: Optional[str] = None, name: Optional[str] = None) -> LoadedModel:
     """Resolves a model SPEC (DESIGN.md): a zoo name, a `.gguf` path, or a gemma_pytorch checkpoint
-    (`.ckpt`/`.pt` file or directory) with --variant or --config and --tokenizer. Cached per process."""
+    (`.ckpt`/`.pt` file or directory) with --variant or --config and --tokenizer.
+    Cached per process."""
     key = (spec, variant, config_path, tokenizer_path, name)
     if key not in _LOADED:
         _LOADED[key] = _resolve(spec, variant, config_path, tokenizer_path, name)
@@ -273,7 +274,8 @@ def _load_checkpoint_model(path: Path, variant: Optional[str], config_path: Opti
     config = (get_model_config(variant, "float32") if variant
               else GemmaConfig.from_json(config_path))
     if tokenizer_path is None:
-        raise ValueError(f"checkpoint {path}: give --tokenizer FILE.model (its SentencePiece model)")
+        raise ValueError(
+            f"checkpoint {path}: give --tokenizer FILE.model (its SentencePiece model)")
     tok = Tokenizer.from_file(tokenizer_path)
     state = load_checkpoint(path, config)
     return LoadedModel(name or path.stem, config, state, tok,

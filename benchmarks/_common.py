@@ -1,0 +1,98 @@
+"""Shared by the benchmarks: the reproduce-command header, machine facts, tables, statistics.
+
+Benchmarks print what they measured side by side in one run; they never assert on timings (the
+figures depend on the machine and on whatever else runs on it: the header prints the load
+average before the run so a reader can tell a quiet run from a contended one).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+
+import torch
+
+
+def reproduce_command() -> str:
+    """The command line that produced this output, runnable from the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]))
+    return " ".join([".venv/bin/python", shlex.quote(script), *map(shlex.quote, sys.argv[1:])])
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def print_header(title: str) -> None:
+    """The reproduce command first, then when and where the figures were measured."""
+    print(f"# reproduce: {reproduce_command()}")
+    print(f"# {title}")
+    print(f"# date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    print(f"# machine: {os.cpu_count()}-core {platform.machine()} {_cpu_name()}, "
+          f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"# load average before the run (1/5/15 min): {load_average()}"
+          + ("   <- other processes were running: timings are skewed"
+             if _busy() else ""))
+    sys.stdout.flush()
+
+
+def _busy() -> bool:
+    try:
+        return os.getloadavg()[0] > 0.5
+    except OSError:
+        return False
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "(" + line.split(":", 1)[1].strip() + ")"
+    except OSError:
+        pass
+    return ""
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """A plain fixed-width table (also valid Markdown)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    sys.stdout.flush()
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        if math.isinf(x) or math.isnan(x):
+            return str(x)
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+
+
+def median_with_censoring(values: Sequence[float]) -> float:
+    """The median where a run that found nothing within its budget counts as +inf (so the
+    median is a lower bound once more than half the runs failed)."""
+    return statistics.median(values) if values else math.nan
+
+
+class Stopwatch:
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
