@@ -3,7 +3,10 @@
 Each row stops at EOS, at its first non-finite value, or at the step bound; the batch stops when
 every row has (and finished rows are dropped from the batch so later steps cost only live rows).
 Rows are left-padded; positions restart at 0 on each row's first real token and padding slots get
-zero K/V (fuzz.engine.model), so a prompt's verdict in a batch equals its verdict alone.
+zero K/V (fuzz.engine.model), so a row computes what it would compute alone, up to the rounding
+of the matmul kernels, which can differ with the batch's row count (gemv for one row, gemm for
+several): a verdict that sits within a float16 ulp of the limit can flip. fuzz.session re-runs
+every new finding alone, the canonical verdict.
 
 Greedy decoding hides the bug in upstream (argmax of NaN logits returns garbage silently, google/
 gemma_pytorch#10): here finiteness is checked at every site of every step instead.

@@ -139,8 +139,8 @@ class FuzzJob:
                                  strategy=f"fuzz.strategies.prompts/{mode}")
         result = self.corpus.save(case)
         self.known.add(case.signature)
+        err.screened.verdict, err.screened.signature = verdict, case.signature
         self.found.append(FoundCase(err, result.status, str(result.path), mode))
-        err.screened.verdict = verdict
         self.stats.findings += result.status == "saved"
 
     # --- progress and summary ------------------------------------------------------------------

@@ -115,9 +115,19 @@ class Session:
 
     def screen(self, specs: Sequence[PromptSpec], policy: str, known: set[Signature],
                bounds: Optional[Bounds] = None) -> list[Screened]:
+        """Runs the prompts in batches; a new signature is confirmed by running its prompt
+        alone, which is the canonical verdict (what check, the corpus and replay see).
+
+        Why: CPU matmul kernels round differently for 1 row and for 8 (gemv vs gemm), and an
+        overflow near 65504 turns on one float16 ulp (32 there). Measured on Gemma 3 270M
+        without BOS: "0 00self-attention" first overflows at step 11, layer 11, residual_mlp
+        alone, but at layer 12, residual_attn in a batch of 8 (even of 8 copies of itself)."""
         results = []
         for spec, v in zip(specs, self.run(specs, policy, bounds)):
             sig = self.signature(v, spec.chat) if not v.finite else None
+            if sig is not None and sig not in known and len(specs) > 1:
+                v = self.run([spec], policy, bounds)[0]
+                sig = self.signature(v, spec.chat) if not v.finite else None
             results.append(Screened(v, sig, sig is not None and sig not in known))
         return results
 
@@ -188,6 +198,9 @@ def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str
     if not specs:
         return None
     for spec, verdict in zip(specs, session.run(specs, policy, bounds)):
-        if not verdict.finite and session.signature(verdict, spec.chat) == sig:
-            return spec, verdict
+        if verdict.finite or session.signature(verdict, spec.chat) != sig:
+            continue
+        alone = session.run([spec], policy, bounds)[0]  # the canonical verdict (see screen)
+        if not alone.finite and session.signature(alone, spec.chat) == sig:
+            return spec, alone
     return None

@@ -1,0 +1,61 @@
+"""Session: screening confirms new findings alone; the text minimizer keeps the signature."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.session import ModelOptions, Session, deletion_candidates, minimize_text
+
+
+@pytest.fixture(scope="module")
+def session() -> Session:
+    return Session.open(ModelOptions("tiny-planted", device="cpu"), Bounds(max_new_tokens=2))
+
+
+def test_a_batch_only_overflow_is_not_reported_new(session, monkeypatch):
+    """If batching alone made a prompt overflow (kernel rounding), the alone run decides."""
+    real_run = session.run
+    specs = [PromptSpec("hello"), PromptSpec("kernel")]
+    poisoned = real_run([PromptSpec("7")], "float16")[0]  # a genuine failing verdict
+
+    def batch_says_overflow(batch_specs, policy, bounds=None):
+        verdicts = real_run(batch_specs, policy, bounds)
+        if len(batch_specs) > 1:  # pretend the batch rounded "hello" past the limit
+            verdicts[0] = dataclasses.replace(poisoned, prompt="hello")
+        return verdicts
+
+    monkeypatch.setattr(session, "run", batch_says_overflow)
+    results = session.screen(specs, "float16", known=set())
+    assert [r.new for r in results] == [False, False]
+    assert results[0].verdict.finite  # the canonical (alone) verdict is kept
+
+
+def test_screen_marks_new_and_known_signatures(session):
+    specs = [PromptSpec("a 7"), PromptSpec("hello")]
+    first = session.screen(specs, "float16", known=set())
+    assert first[0].new and not first[1].new and first[1].signature is None
+    again = session.screen(specs, "float16", known={first[0].signature})
+    assert not again[0].new
+
+
+def test_minimize_reaches_the_planted_trigger_and_keeps_the_signature(session):
+    spec = PromptSpec("2147483647 and 0.0.0.70 kernel")
+    verdict = session.run([spec], "float16")[0]
+    sig = session.signature(verdict)
+    small, small_verdict = minimize_text(session, spec, "float16", sig)
+    assert small.text == "7"
+    assert session.signature(small_verdict) == sig
+
+
+def test_minimize_leaves_an_irreducible_prompt_alone(session):
+    spec = PromptSpec("7")
+    sig = session.signature(session.run([spec], "float16")[0])
+    small, verdict = minimize_text(session, spec, "float16", sig)
+    assert small == spec and verdict is None
+
+
+def test_deletion_candidates():
+    assert deletion_candidates("abcd", 2) == ["cd", "ab"]
+    assert deletion_candidates("abc", 1) == ["bc", "ac", "ab"]
