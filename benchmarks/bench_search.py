@@ -26,11 +26,14 @@ import hashlib
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from _common import print_header, print_table
+from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.reporting import with_reporter
 
 import fuzz.search
@@ -38,15 +41,15 @@ from fuzz.engine.planted import digit_run_model, is_minimal_trigger, longest_dig
 from fuzz.generate import Bounds
 from fuzz.search import NewSignature, Search, Stats
 from fuzz.session import Session
-from fuzz.strategies import prompts
+from fuzz.strategies import fragments, prompts
 
 POLICY = "float16"
-MODES = ("random", "targeted")
+SEARCHERS = ("random", "targeted", "steered")
 
 
 @dataclass
 class RunResult:
-    mode: str
+    searcher: str
     run: int
     seed: int
     found: bool
@@ -54,25 +57,40 @@ class RunResult:
     batches: int  # Hypothesis examples (batches) until then
     seconds: float  # until the first failing batch
     total_seconds: float  # including Hypothesis's shrink and Session.finalize
+    rounds: int
     first_text: str = ""  # the first failing prompt, as drawn
     saved_text: str = ""  # after shrink + finalize
     minimal: bool = False
 
 
-class _FirstFinding(Search):
-    """Search that notes the counters at its first failing batch (before any shrinking)."""
+@dataclass
+class Tracker:
+    """Counters shared by every round of one search."""
 
-    first: tuple[int, int, float, str] | None = None
+    max_prompts: int
+    started: float = field(default_factory=time.perf_counter)
     batches: int = 0
-    started: float = 0.0
+    first: tuple[int, int, float, str] | None = None  # prompts, batches, seconds, prompt
+
+    def count_batch(self) -> None:
+        self.batches += 1
+
+
+class _TrackedSearch(Search):
+    """fuzz.search.Search plus: a prompt budget (so that counts do not depend on the machine's
+    speed) and the counters at the first failing batch, before any shrinking."""
+
+    tracker: Tracker
 
     def check(self, texts: list[str]) -> None:
+        if self.stats.examples >= self.tracker.max_prompts and not self.pending:
+            return  # out of budget, as Search does past its deadline
         try:
             super().check(texts)
         except NewSignature as err:
-            if _FirstFinding.first is None:
-                _FirstFinding.first = (self.stats.examples, _FirstFinding.batches,
-                                       time.perf_counter() - _FirstFinding.started, err.spec.text)
+            if self.tracker.first is None:
+                self.tracker.first = (self.stats.examples, self.tracker.batches,
+                                      time.perf_counter() - self.tracker.started, err.spec.text)
             raise
 
 
@@ -88,53 +106,96 @@ def targeting(enabled: bool) -> Iterator[None]:
         fuzz.search.target = original
 
 
-def search_once(session: Session, mode: str, run: int, seed: int, budget_s: float,
-                round_examples: int) -> RunResult:
-    stats = Stats()
-    strategy = prompts(max_chars=4 * session.bounds.max_prompt_tokens)  # as fuzz run draws
-    _FirstFinding.first, _FirstFinding.batches = None, 0
-    _FirstFinding.started = time.perf_counter()
+# --- the prototype steering: mutate the nearest misses -------------------------------------
+MUTATIONS = ("delete", "duplicate", "repeat", "splice")
+
+
+def mutants(pool: tuple[str, ...]) -> st.SearchStrategy[str]:
+    """Prompts made by 1-3 stacked text mutations (AFL's "havoc") of a nearest miss.
+
+    The pool is a snapshot taken when the round starts, so every replay of a choice sequence
+    draws the same prompt (Hypothesis's shrinking stays deterministic). Positions and lengths
+    are integer choices, which Hypothesis's target optimiser can tune; deletion is the first
+    mutation so that shrinking heads toward fewer, simpler edits."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> str:
+        text = draw(st.sampled_from(pool))
+        for op in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3)):
+            text = _mutate(draw, op, text)
+        return text
+
+    return build()
+
+
+def _mutate(draw: st.DrawFn, op: str, text: str) -> str:
+    at = draw(st.integers(0, len(text)))
+    size = draw(st.integers(1, 32))
+    if op == "delete":
+        return text[:at] + text[at + size:]
+    if op == "duplicate":  # copy the `size` characters before `at` in after them
+        return text[:at] + text[max(0, at - size):at] + text[at:]
+    if op == "repeat":
+        return text[:at] + text[at:at + 1] * size + text[at:] if text else text
+    fragment = draw(fragments()).text
+    return text[:at] + fragment + text[at:]
+
+
+def round_strategy(searcher: str, base: st.SearchStrategy[str], stats: Stats
+                   ) -> st.SearchStrategy[str]:
+    if searcher != "steered":
+        return base
+    pool = tuple(v.prompt for v in stats.nearest.get(POLICY, []))
+    return st.one_of(base, mutants(pool)) if pool else base
+
+
+# --- one search ------------------------------------------------------------------------------
+def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: float,
+                max_prompts: int, round_examples: int) -> RunResult:
+    stats, tracker = Stats(), Tracker(max_prompts)
+    base = prompts(max_chars=4 * session.bounds.max_prompt_tokens)  # as fuzz run draws
     deadline = time.monotonic() + budget_s
     found: list[NewSignature] = []
     digest = hashlib.sha256(f"{session.model.fingerprint}/{POLICY}/bos=True".encode()).digest()
-    with targeting(mode == "targeted"), with_reporter(lambda *_: None):
-        for round_index in range(10_000):
-            if time.monotonic() > deadline or found:
-                break
-            search = _FirstFinding(session, POLICY, True, set(), stats, deadline,
-                                   on_batch=_count_batch)
-            found = search.run(strategy, round_examples, None, digest,
-                               seed=seed * 1000 + round_index)
+    rounds = 0
+    with tempfile.TemporaryDirectory(prefix="bench-search-db-") as db_dir, \
+            targeting(searcher != "random"), with_reporter(lambda *_: None):
+        database = DirectoryBasedExampleDatabase(db_dir)  # fuzz run keeps one (cold here)
+        while not found and time.monotonic() < deadline and stats.examples < max_prompts:
+            search = _TrackedSearch(session, POLICY, True, set(), stats, deadline,
+                                    on_batch=tracker.count_batch)
+            search.tracker = tracker
+            found = search.run(round_strategy(searcher, base, stats), round_examples, database,
+                               digest, seed=seed * 1000 + rounds)
+            rounds += 1
     if not found:
-        return RunResult(mode, run, seed, False, stats.examples, _FirstFinding.batches,
-                         budget_s, time.perf_counter() - _FirstFinding.started)
+        return RunResult(searcher, run, seed, False, stats.examples, tracker.batches,
+                         time.perf_counter() - tracker.started,
+                         time.perf_counter() - tracker.started, rounds)
     err = found[0]
     saved, _ = session.finalize(err.spec, POLICY, err.screened.signature,
                                 err.screened.verdict.first_nonfinite.step)
-    prompts_n, batches, seconds, first_text = _FirstFinding.first
-    return RunResult(mode, run, seed, True, prompts_n, batches, seconds,
-                     time.perf_counter() - _FirstFinding.started, first_text, saved.text,
+    prompts_n, batches, seconds, first_text = tracker.first
+    return RunResult(searcher, run, seed, True, prompts_n, batches, seconds,
+                     time.perf_counter() - tracker.started, rounds, first_text, saved.text,
                      is_minimal_trigger(saved.text, run))
 
 
-def _count_batch() -> None:
-    _FirstFinding.batches += 1
-
-
-def summarize(results: list[RunResult], runs: list[int]) -> None:
-    print("\n## Summary (median over seeds; a run that found nothing counts as +inf)")
+def summarize(results: list[RunResult], runs: list[int], searchers: list[str]) -> None:
+    print("\n## Summary (median over seeds; a search that found nothing within its budget "
+          "counts as +inf)")
     rows = []
     medians: dict[tuple[int, str], float] = {}
     for run in runs:
-        for mode in MODES:
-            rs = [r for r in results if r.run == run and r.mode == mode]
+        for searcher in searchers:
+            rs = [r for r in results if r.run == run and r.searcher == searcher]
             if not rs:
                 continue
             prompts_n = [r.prompts if r.found else math.inf for r in rs]
             seconds = [r.seconds if r.found else math.inf for r in rs]
             found = [r for r in rs if r.found]
-            medians[(run, mode)] = statistics.median(prompts_n)
-            rows.append((run, mode, f"{len(found)}/{len(rs)}", statistics.median(prompts_n),
+            medians[(run, searcher)] = statistics.median(prompts_n)
+            rows.append((run, searcher, f"{len(found)}/{len(rs)}", statistics.median(prompts_n),
                          min(prompts_n), max(prompts_n), statistics.median(seconds),
                          statistics.median([r.total_seconds for r in rs]),
                          f"{sum(r.minimal for r in found)}/{len(found)}"))
@@ -142,57 +203,78 @@ def summarize(results: list[RunResult], runs: list[int]) -> None:
                  "median s total", "saved minimal"], rows)
     print()
     for run in runs:
-        a, b = medians.get((run, "random")), medians.get((run, "targeted"))
-        if a is None or b is None:
-            continue
-        ratio = b / a if math.isfinite(a) and a > 0 else math.nan
-        verdict = "meets" if ratio <= 1 / 3 else "MISSES"
-        print(f"run {run}: targeted/random median prompts = {b:.0f}/{a:.0f} = {ratio:.2f} "
-              f"({verdict} the <= 0.33 target)")
-    found = [r for r in results if r.found]
-    if found:
-        share = sum(r.minimal for r in found) / len(found)
-        print(f"saved cases that are exactly a minimal trigger: {sum(r.minimal for r in found)}"
-              f"/{len(found)} = {share:.0%} ({'meets' if share >= 0.9 else 'MISSES'} the 90% "
-              "target)")
+        a = medians.get((run, "random"))
+        for searcher in searchers:
+            b = medians.get((run, searcher))
+            if searcher == "random" or a is None or b is None:
+                continue
+            ratio = b / a if math.isfinite(a) and a > 0 else math.nan
+            verdict = "meets" if ratio <= 1 / 3 else "MISSES"
+            print(f"run {run}: {searcher}/random median prompts = {b:.0f}/{a:.0f} = "
+                  f"{ratio:.2f} ({verdict} the <= 0.33 target)")
+    for searcher in searchers:
+        found = [r for r in results if r.found and r.searcher == searcher]
+        if found:
+            n = sum(r.minimal for r in found)
+            share = n / len(found)
+            print(f"{searcher}: saved cases that are exactly a minimal trigger: {n}/{len(found)}"
+                  f" = {share:.0%} ({'meets' if share >= 0.9 else 'MISSES'} the 90% target)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="one run length, 10 seeds, short budget (~2-3 minutes)")
+                        help="run 16 only, random and targeted, 10 seeds (~2-3 minutes)")
     parser.add_argument("--runs", default=None,
-                        help="comma-separated digit-run lengths (default 24,48; quick: 32)")
+                        help="comma-separated digit-run lengths (default 24; quick: 16)")
+    parser.add_argument("--searchers", default=None,
+                        help=f"comma-separated, of {', '.join(SEARCHERS)} (default all three; "
+                             "quick: random,targeted)")
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--max-prompts", type=int, default=None,
+                        help="prompts per search before giving up (default 1500; quick: 400)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds per search before giving up (default 20; quick: 6)")
-    parser.add_argument("--round-examples", type=int, default=40)
+                        help="seconds per search before giving up (default 60; quick: 15)")
+    parser.add_argument("--round-examples", type=int, default=40,
+                        help="Hypothesis examples per round (fuzz run's default: 40)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=Bounds().max_new_tokens,
+                        help="decode steps per prompt (default: fuzz run's 16)")
     args = parser.parse_args(argv)
-    runs = [int(x) for x in (args.runs or ("32" if args.quick else "24,48")).split(",")]
-    budget = args.budget if args.budget is not None else (6.0 if args.quick else 20.0)
+    runs = [int(x) for x in (args.runs or ("16" if args.quick else "24")).split(",")]
+    searchers = (args.searchers or ("random,targeted" if args.quick else ",".join(SEARCHERS))
+                 ).split(",")
+    unknown = [s for s in searchers if s not in SEARCHERS]
+    if unknown:
+        parser.error(f"unknown searcher(s) {unknown}; valid: {', '.join(SEARCHERS)}")
+    max_prompts = args.max_prompts or (400 if args.quick else 1500)
+    budget = args.budget if args.budget is not None else (15.0 if args.quick else 60.0)
+    bounds = Bounds(max_new_tokens=args.max_new_tokens)
     print_header("search effectiveness on planted digit-run float16 overflows "
-                 f"(runs {runs}, {args.seeds} seeds, budget {budget:.0f}s per search, "
-                 f"batch {args.batch_size}, {args.round_examples}-example rounds)")
-    print("# searchers: random = Hypothesis generation, target() disabled; targeted = "
-          "fuzz.search.Search as `fuzz run` uses it. float16, BOS on, cold start.")
+                 f"(runs {runs}, searchers {searchers}, {args.seeds} seeds, budget "
+                 f"{max_prompts} prompts or {budget:.0f}s per search, batch {args.batch_size}, "
+                 f"{args.round_examples}-example rounds, bounds {bounds.to_dict()})")
+    print("# random = Hypothesis generation, target() disabled; targeted = fuzz.search.Search "
+          "as `fuzz run` uses it;\n# steered = targeted + the prototype nearest-miss mutations "
+          "(see mutants()). float16, BOS on, fresh example database per search.")
     results = []
     for run in runs:
-        session = Session(digit_run_model(run), bounds=Bounds(), batch_size=args.batch_size)
+        session = Session(digit_run_model(run), bounds=bounds, batch_size=args.batch_size)
         print(f"\n## run {run}: {session.model.name} (minimal trigger: {run} digits)")
-        print_table(["searcher", "seed", "found", "prompts", "batches", "s to 1st", "s total",
-                     "first failing prompt (longest digit run)", "saved case", "minimal"], [])
+        print_table(["searcher", "seed", "found", "prompts", "batches", "rounds", "s to 1st",
+                     "s total", "first failing prompt (longest digit run)", "saved case",
+                     "minimal"], [])
         for seed in range(args.seeds):
-            for mode in MODES:
-                r = search_once(session, mode, run, seed, budget, args.round_examples)
+            for searcher in searchers:
+                r = search_once(session, searcher, run, seed, budget, max_prompts,
+                                args.round_examples)
                 results.append(r)
-                first = (f"{r.first_text[:40]!r} ({longest_digit_run(r.first_text)})"
+                first = (f"{r.first_text[:32]!r} ({longest_digit_run(r.first_text)})"
                          if r.found else "-")
-                print(f"| {mode} | {seed} | {r.found} | {r.prompts} | {r.batches} | "
-                      f"{r.seconds:.2f} | {r.total_seconds:.2f} | {first} | "
-                      f"{r.saved_text!r} | {r.minimal} |")
-                sys.stdout.flush()
-    summarize(results, runs)
+                print(f"| {searcher} | {seed} | {r.found} | {r.prompts} | {r.batches} | "
+                      f"{r.rounds} | {r.seconds:.1f} | {r.total_seconds:.1f} | {first} | "
+                      f"{r.saved_text!r} | {r.minimal} |", flush=True)
+    summarize(results, runs, searchers)
     return 0
 
 
