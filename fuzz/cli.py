@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _bounds_args(p)
     p.add_argument("--policies", default="all", help="comma-separated, or 'all'")
-    p.add_argument("--budget", type=parse_duration, default=parse_duration("10m"),
-                   help="how long to search, e.g. 90s, 10m, 2h (default 10m)")
+    p.add_argument("--budget", type=parse_duration, default=parse_duration("8m"),
+                   help="how long to search, e.g. 90s, 10m, 2h (default 8m)")
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--bos-modes", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None)

@@ -33,6 +33,9 @@ from .session import ModelOptions, Session
 from .strategies import prompts
 
 
+UNSAFE_ROUND_FACTOR = 3
+
+
 @dataclass
 class FoundCase:
     error: NewSignature
@@ -111,9 +114,11 @@ class FuzzJob:
             f"{self.session.model.fingerprint}/{policy.name}/bos={bos}".encode()).digest()
         database = DirectoryBasedExampleDatabase(str(self.database)) if self.database else None
         strategy = prompts(max_chars=4 * self.session.bounds.max_prompt_tokens)
+        # Unsafe policies get longer rounds: that is where findings are expected, and
+        # Hypothesis's targeting (hill-climbing on headroom) needs examples to climb with.
+        examples = self.round_examples * (1 if policy.expected_safe else UNSAFE_ROUND_FACTOR)
         try:
-            found = search.run(strategy, self.round_examples, database, digest,
-                               seed=self.seed + index)
+            found = search.run(strategy, examples, database, digest, seed=self.seed + index)
         except BudgetExhausted:  # shrinking outlived the budget: minimize what it had so far
             found = list(search.pending.values())
         except KeyboardInterrupt:  # save at once, unminimized: a second signal may follow
