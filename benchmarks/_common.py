@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -36,7 +36,7 @@ def print_header(title: str) -> None:
     """The reproduce command first, then when and where the figures were measured."""
     print(f"# reproduce: {reproduce_command()}")
     print(f"# {title}")
-    print(f"# date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    print(f"# date: {datetime.now(UTC).isoformat(timespec='seconds')}")
     print(f"# machine: {os.cpu_count()}-core {platform.machine()} {_cpu_name()}, "
           f"python {platform.python_version()}, torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}")

@@ -5,18 +5,26 @@ float16 (BOS on) exactly on a run of >= RUN consecutive digit tokens, finite in 
 its minimal triggers are the prompts of exactly RUN digits. Random prompts rarely hold long runs,
 while max |x| grows with every digit in the window (headroom is a gradient).
 
-For each RUN and each of SEEDS seeds, two searchers, each from an empty corpus and no example
-database (a cold start), policy float16, BOS on, batch 8, 40-example rounds (`fuzz run`'s
-defaults), until the first finding or the per-run budget:
+For each RUN and each of SEEDS seeds, each searcher starts cold (empty corpus, a fresh example
+database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 120-example
+rounds (`fuzz run`'s defaults for an unsafe policy: 40 x UNSAFE_ROUND_FACTOR) until its first
+finding or its budget:
   random    Hypothesis generation only: fuzz.search.Search with `target()` disabled (no
             observations, so Hypothesis's target phase has nothing to climb);
-  targeted  fuzz.search.Search exactly as `fuzz run` uses it (target() on -log2(headroom)).
-Figures: prompts screened and seconds until the first failing batch (before shrinking), and
-whether the saved case (after Hypothesis's shrink and Session.finalize: text minimizer and
-explanation) is a minimal trigger. Targets: targeted median <= 1/3 of random's; >= 90% minimal.
+  targeted  fuzz.search.Search exactly as `fuzz run` uses it (target() on -log2(headroom));
+  steered   a prototype (this file only): targeted, plus each round draws half its prompts as
+            1-3 stacked text mutations (delete, duplicate, repeat, splice) of the nearest misses
+            so far (Stats.nearest), see mutants().
+Figures: prompts screened and seconds until the first failing batch (before shrinking), the
+batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
+and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
+median <= 1/3 of random's; >= 90% of saved cases minimal.
 
-Only the BOS-on mode is searched: without BOS the family's minimal trigger is a single digit
-(see fuzz.engine.planted), which every searcher finds at once; `fuzz run` would alternate modes.
+Bounds: 1 new token by default (the planted overflow fires in the prefill, so decode steps add
+time and change no finding); --max-new-tokens 16 gives fuzz run's bounds. The shrink is capped
+(--shrink-batches) only to bound this benchmark's time; 0 lets it run to the end as fuzz run does.
+Only BOS on is searched: without BOS the family's minimal trigger is one digit (see
+fuzz.engine.planted), which any searcher finds at once; `fuzz run` alternates both modes.
 """
 from __future__ import annotations
 
@@ -39,7 +47,8 @@ from hypothesis.reporting import with_reporter
 import fuzz.search
 from fuzz.engine.planted import digit_run_model, is_minimal_trigger, longest_digit_run
 from fuzz.generate import Bounds
-from fuzz.search import NewSignature, Search, Stats
+from fuzz.nightly import UNSAFE_ROUND_FACTOR
+from fuzz.search import BudgetExhausted, NewSignature, Search, Stats
 from fuzz.session import Session
 from fuzz.strategies import fragments, prompts
 
@@ -58,6 +67,7 @@ class RunResult:
     seconds: float  # until the first failing batch
     total_seconds: float  # including Hypothesis's shrink and Session.finalize
     rounds: int
+    shrink_batches: int = 0  # batches Hypothesis screened while shrinking the first finding
     first_text: str = ""  # the first failing prompt, as drawn
     saved_text: str = ""  # after shrink + finalize
     minimal: bool = False
@@ -68,6 +78,7 @@ class Tracker:
     """Counters shared by every round of one search."""
 
     max_prompts: int
+    max_shrink_batches: int  # 0: unlimited
     started: float = field(default_factory=time.perf_counter)
     batches: int = 0
     first: tuple[int, int, float, str] | None = None  # prompts, batches, seconds, prompt
@@ -75,16 +86,24 @@ class Tracker:
     def count_batch(self) -> None:
         self.batches += 1
 
+    def shrink_capped(self) -> bool:
+        return (self.first is not None and self.max_shrink_batches > 0
+                and self.batches - self.first[1] >= self.max_shrink_batches)
+
 
 class _TrackedSearch(Search):
     """fuzz.search.Search plus: a prompt budget (so that counts do not depend on the machine's
-    speed) and the counters at the first failing batch, before any shrinking."""
+    speed), the counters at the first failing batch (before any shrinking), and an optional cap
+    on the batches Hypothesis may screen while shrinking (past it, every candidate passes
+    unscreened, so Hypothesis ends with the smallest failure it has seen)."""
 
     tracker: Tracker
 
     def check(self, texts: list[str]) -> None:
         if self.stats.examples >= self.tracker.max_prompts and not self.pending:
             return  # out of budget, as Search does past its deadline
+        if self.tracker.shrink_capped():
+            return
         try:
             super().check(texts)
         except NewSignature as err:
@@ -151,8 +170,8 @@ def round_strategy(searcher: str, base: st.SearchStrategy[str], stats: Stats
 
 # --- one search ------------------------------------------------------------------------------
 def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: float,
-                max_prompts: int, round_examples: int) -> RunResult:
-    stats, tracker = Stats(), Tracker(max_prompts)
+                max_prompts: int, round_examples: int, max_shrink_batches: int) -> RunResult:
+    stats, tracker = Stats(), Tracker(max_prompts, max_shrink_batches)
     base = prompts(max_chars=4 * session.bounds.max_prompt_tokens)  # as fuzz run draws
     deadline = time.monotonic() + budget_s
     found: list[NewSignature] = []
@@ -165,8 +184,11 @@ def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: 
             search = _TrackedSearch(session, POLICY, True, set(), stats, deadline,
                                     on_batch=tracker.count_batch)
             search.tracker = tracker
-            found = search.run(round_strategy(searcher, base, stats), round_examples, database,
-                               digest, seed=seed * 1000 + rounds)
+            try:
+                found = search.run(round_strategy(searcher, base, stats), round_examples,
+                                   database, digest, seed=seed * 1000 + rounds)
+            except BudgetExhausted:  # as fuzz run: a shrink outlived the grace; take its best
+                found = list(search.pending.values())
             rounds += 1
     if not found:
         return RunResult(searcher, run, seed, False, stats.examples, tracker.batches,
@@ -177,11 +199,12 @@ def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: 
                                 err.screened.verdict.first_nonfinite.step)
     prompts_n, batches, seconds, first_text = tracker.first
     return RunResult(searcher, run, seed, True, prompts_n, batches, seconds,
-                     time.perf_counter() - tracker.started, rounds, first_text, saved.text,
-                     is_minimal_trigger(saved.text, run))
+                     time.perf_counter() - tracker.started, rounds, tracker.batches - batches,
+                     first_text, saved.text, is_minimal_trigger(saved.text, run))
 
 
-def summarize(results: list[RunResult], runs: list[int], searchers: list[str]) -> None:
+def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
+              shrink_cap: int) -> None:
     print("\n## Summary (median over seeds; a search that found nothing within its budget "
           "counts as +inf)")
     rows = []
@@ -198,9 +221,13 @@ def summarize(results: list[RunResult], runs: list[int], searchers: list[str]) -
             rows.append((run, searcher, f"{len(found)}/{len(rs)}", statistics.median(prompts_n),
                          min(prompts_n), max(prompts_n), statistics.median(seconds),
                          statistics.median([r.total_seconds for r in rs]),
-                         f"{sum(r.minimal for r in found)}/{len(found)}"))
+                         statistics.median([r.shrink_batches for r in found] or [0]),
+                         sum(bool(shrink_cap) and r.shrink_batches >= shrink_cap for r in found),
+                         f"{sum(r.minimal for r in found)}/{len(found)}",
+                         f"{sum(r.saved_text == '0' * run for r in found)}/{len(found)}"))
     print_table(["run", "searcher", "found", "median prompts", "min", "max", "median s to 1st",
-                 "median s total", "saved minimal"], rows)
+                 "median s total", "median shrink batches", "shrink capped", "saved minimal",
+                 "saved = '0'*run"], rows)
     print()
     for run in runs:
         a = medians.get((run, "random"))
@@ -234,12 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompts", type=int, default=None,
                         help="prompts per search before giving up (default 1500; quick: 400)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds per search before giving up (default 60; quick: 15)")
-    parser.add_argument("--round-examples", type=int, default=40,
-                        help="Hypothesis examples per round (fuzz run's default: 40)")
+                        help="seconds per search before giving up: a safety net behind the "
+                             "prompt budget (default 180; quick: 60)")
+    parser.add_argument("--shrink-batches", type=int, default=None,
+                        help="cap on batches screened while Hypothesis shrinks a finding, to "
+                             "bound this benchmark's time (0: none, as fuzz run; default 1000; "
+                             "quick: 300)")
+    parser.add_argument("--round-examples", type=int, default=40 * UNSAFE_ROUND_FACTOR,
+                        help="Hypothesis examples per round (default: fuzz run's for an unsafe "
+                             f"policy, 40 x {UNSAFE_ROUND_FACTOR})")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=Bounds().max_new_tokens,
-                        help="decode steps per prompt (default: fuzz run's 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=1,
+                        help="new tokens per prompt (default 1: the planted overflow fires in "
+                             "the prefill, so decode steps add time but change no finding; "
+                             "fuzz run's bound is 16)")
     args = parser.parse_args(argv)
     runs = [int(x) for x in (args.runs or ("16" if args.quick else "24")).split(",")]
     searchers = (args.searchers or ("random,targeted" if args.quick else ",".join(SEARCHERS))
@@ -248,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown searcher(s) {unknown}; valid: {', '.join(SEARCHERS)}")
     max_prompts = args.max_prompts or (400 if args.quick else 1500)
-    budget = args.budget if args.budget is not None else (15.0 if args.quick else 60.0)
+    budget = args.budget if args.budget is not None else (60.0 if args.quick else 180.0)
+    shrink_cap = (args.shrink_batches if args.shrink_batches is not None
+                  else (300 if args.quick else 1000))
     bounds = Bounds(max_new_tokens=args.max_new_tokens)
     print_header("search effectiveness on planted digit-run float16 overflows "
                  f"(runs {runs}, searchers {searchers}, {args.seeds} seeds, budget "
                  f"{max_prompts} prompts or {budget:.0f}s per search, batch {args.batch_size}, "
-                 f"{args.round_examples}-example rounds, bounds {bounds.to_dict()})")
+                 f"{args.round_examples}-example rounds, bounds {bounds.to_dict()}, shrink cap "
+                 f"{shrink_cap or 'none'} batches)")
     print("# random = Hypothesis generation, target() disabled; targeted = fuzz.search.Search "
           "as `fuzz run` uses it;\n# steered = targeted + the prototype nearest-miss mutations "
           "(see mutants()). float16, BOS on, fresh example database per search.")
@@ -262,19 +300,20 @@ def main(argv: list[str] | None = None) -> int:
         session = Session(digit_run_model(run), bounds=bounds, batch_size=args.batch_size)
         print(f"\n## run {run}: {session.model.name} (minimal trigger: {run} digits)")
         print_table(["searcher", "seed", "found", "prompts", "batches", "rounds", "s to 1st",
-                     "s total", "first failing prompt (longest digit run)", "saved case",
-                     "minimal"], [])
+                     "s total", "shrink batches", "first failing prompt (longest digit run)",
+                     "saved case", "minimal"], [])
         for seed in range(args.seeds):
             for searcher in searchers:
                 r = search_once(session, searcher, run, seed, budget, max_prompts,
-                                args.round_examples)
+                                args.round_examples, shrink_cap)
                 results.append(r)
                 first = (f"{r.first_text[:32]!r} ({longest_digit_run(r.first_text)})"
                          if r.found else "-")
                 print(f"| {searcher} | {seed} | {r.found} | {r.prompts} | {r.batches} | "
-                      f"{r.rounds} | {r.seconds:.1f} | {r.total_seconds:.1f} | {first} | "
+                      f"{r.rounds} | {r.seconds:.1f} | {r.total_seconds:.1f} | "
+                      f"{r.shrink_batches} | {first} | "
                       f"{r.saved_text!r} | {r.minimal} |", flush=True)
-    summarize(results, runs, searchers)
+    summarize(results, runs, searchers, shrink_cap)
     return 0
 
 

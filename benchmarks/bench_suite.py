@@ -1,10 +1,10 @@
 """What the test suite costs: pytest wall time in parallel vs serial, and model load cold vs cached.
 
 Side by side, in one run (each as a subprocess, one after the other, never two at once):
-  - `pytest -n auto` vs `pytest -n 0` on the project's tests, wall time and ratio; and
-    `-n auto` again with OMP_NUM_THREADS=1, because on a 2-core machine two xdist workers that
-    each run torch with 2 threads oversubscribe the cores (measured: a tiny-model decode step
-    went from ~3 ms to ~370 ms next to another 2-thread torch process);
+  - `pytest -n auto` vs `pytest -n 0` on the project's tests, wall time and ratio; with
+    --omp1 also `-n auto` with OMP_NUM_THREADS=1 (the plugin already gives each xdist worker
+    its share of the cores; torch threads that oversubscribe 2 cores spin: a tiny-model decode
+    step went from ~3 ms to ~370 ms next to another 2-thread torch process, measured);
   - loading the real Gemma 3 270M: cold (GEMMA_FUZZ_CACHE pointed at an empty temporary
     directory: GGUF dequantization and tokenizer rebuild) vs cached (the default cache).
 `--quick` runs only the fast unit-test files (QUICK_TESTS) and one load of each kind.
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"only {', '.join(QUICK_TESTS)}; one load of each kind")
+    parser.add_argument("--omp1", action="store_true",
+                        help="also time -n auto with OMP_NUM_THREADS=1")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds before one pytest run is abandoned (default 1800)")
     args = parser.parse_args(argv)
@@ -81,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print_header(f"test-suite cost: pytest on {' '.join(targets)}; model load cold vs cached")
 
     print("\n## pytest wall time (subprocesses, one at a time)")
-    variants = [("-n 0 (serial)", ["-n", "0"], {}),
-                ("-n auto", ["-n", "auto"], {}),
-                ("-n auto, OMP_NUM_THREADS=1", ["-n", "auto"], {"OMP_NUM_THREADS": "1"})]
+    variants = [("-n 0 (serial)", ["-n", "0"], {}), ("-n auto", ["-n", "auto"], {})]
+    if args.omp1:
+        variants.append(("-n auto, OMP_NUM_THREADS=1", ["-n", "auto"], {"OMP_NUM_THREADS": "1"}))
     rows, times = [], {}
     for label, extra, env in variants:
         print(f"# running pytest {label} ...", flush=True)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([label, seconds, summary])
     print_table(["variant", "wall s", "pytest summary"], rows)
     serial = times["-n 0 (serial)"]
-    for label in ("-n auto", "-n auto, OMP_NUM_THREADS=1"):
+    for label in [v[0] for v in variants[1:]]:
         ratio = times[label] / serial
         print(f"{label} / serial = {ratio:.2f} (speed-up {1 / ratio:.2f}x)")
 

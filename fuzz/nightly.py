@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import random
 import shlex
 import signal
 import sys
@@ -28,12 +29,12 @@ import fuzz
 from .corpus import Corpus, Signature
 from .generate import Bounds
 from .precision import PrecisionPolicy, parse_policies
-from .search import BudgetExhausted, NewSignature, Search, Stats
+from .search import BudgetExhausted, NewSignature, Search, Stats, mutate_nearest
 from .session import ModelOptions, Session
 from .strategies import prompts
 
-
 UNSAFE_ROUND_FACTOR = 3
+MUTATION_BATCHES = 4  # mutation batches after each unsafe round (each: 4 near misses x 4 edits)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class FoundCase:
     error: NewSignature
     status: str
     path: Optional[str]
-    mode: str  # "shrunk", or "interrupted" (saved as found, before shrinking finished)
+    mode: str  # "shrunk", "mutated" (an edit of a near miss, then minimized), or "interrupted"
 
 
 @dataclass
@@ -128,6 +129,18 @@ class FuzzJob:
             raise
         for err in found:
             self._save(err, "shrunk")
+        if not policy.expected_safe and time.monotonic() < deadline:
+            self._mutation_stage(search, index)
+
+    def _mutation_stage(self, search: Search, index: int) -> None:
+        """Edits of the nearest misses, a few batches, until one yields nothing new."""
+        rng = random.Random(self.seed * 1000 + index)
+        for _ in range(MUTATION_BATCHES):
+            found = mutate_nearest(search, rng)
+            for err in found:
+                self._save(err, "mutated")
+            if not found:
+                break
 
     def _save(self, err: NewSignature, mode: str) -> None:
         found = err.screened.verdict

@@ -9,11 +9,13 @@ ones never reach the corpus.
 
 Steering: every example reports `hypothesis.target()` on -log2(content headroom) — how close the
 batch came to the dtype's limit, away from the BOS sink every prompt shares — so Hypothesis's
-targeted phase mutates the nearest misses toward an overflow.
+targeted phase climbs toward an overflow; between rounds, `mutate_nearest` screens small edits
+of the nearest misses (a fuzzer's mutation stage).
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -191,3 +193,42 @@ def _leaves(group: BaseExceptionGroup):
             yield from _leaves(exc)
         else:
             yield exc
+
+
+# Small edits that move a near miss across the limit: digits and the punctuation and lone spaces
+# that form secondary attention sinks (NUMERICS.md: a lone "▁" before a digit, "," or ".").
+MUTATION_PIECES = (" 0", " 1", " 7", "0", ",", ".", " ", "\n", " 0 0", " 30")
+
+
+def mutate(text: str, rng: random.Random) -> str:
+    """One random edit: insert a piece, delete a character, or append a piece."""
+    i = rng.randrange(len(text) + 1)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return text[:i] + rng.choice(MUTATION_PIECES) + text[i:]
+    if kind == 1 and len(text) > 1:
+        return text[:i] + text[i + 1:]
+    return text + rng.choice(MUTATION_PIECES)
+
+
+def mutate_nearest(search: Search, rng: random.Random, parents: int = 4,
+                   children: int = 4) -> list[NewSignature]:
+    """Screens random edits of the nearest misses of `search`'s policy and BOS mode.
+
+    Hypothesis's targeting climbs slowly when each example costs a generation: on Gemma 3 270M
+    without BOS, random search stalled at headroom 1.01 for 700+ prompts, while edits of those
+    near misses overflowed in 11 of 64 tries (measured). Returns new signatures (unshrunk: the
+    caller minimizes them) and folds finite results into the stats as usual."""
+    near = [v for v in search.stats.nearest.get(search.policy, [])
+            if v.add_bos == search.add_bos][:parents]
+    texts = [mutate(v.prompt, rng) for v in near for _ in range(children)]
+    specs = [s for s in (PromptSpec(t, add_bos=search.add_bos) for t in texts) if search._fits(s)]
+    if not specs:
+        return []
+    results = search.session.screen(specs, search.policy, search.known)
+    search.stats.fold(search.policy, [r.verdict for r in results])
+    new: dict[Signature, NewSignature] = {}
+    for spec, r in zip(specs, results):
+        if r.new and r.signature not in new:
+            new[r.signature] = NewSignature(r, spec)
+    return list(new.values())

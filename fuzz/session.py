@@ -153,7 +153,7 @@ def deletion_candidates(text: str, chunk: int) -> list[str]:
 
 
 def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
-                  bounds: Optional[Bounds] = None, max_evals: int = 400
+                  bounds: Optional[Bounds] = None, max_evals: int = 200
                   ) -> tuple[PromptSpec, Optional[Verdict]]:
     """Delta-debugging after Hypothesis: delete character runs (halving their length down to
     one character) while the failure keeps its exact signature; candidates are screened in
