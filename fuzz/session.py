@@ -153,7 +153,7 @@ def deletion_candidates(text: str, chunk: int) -> list[str]:
 
 
 def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
-                  bounds: Optional[Bounds] = None, max_evals: int = 200
+                  bounds: Optional[Bounds] = None, max_evals: int = 96
                   ) -> tuple[PromptSpec, Optional[Verdict]]:
     """Delta-debugging after Hypothesis: delete character runs (halving their length down to
     one character) while the failure keeps its exact signature; candidates are screened in
@@ -172,8 +172,8 @@ def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signatur
         hit = None
         for i in range(0, len(candidates), session.batch_size):
             batch = candidates[i: i + session.batch_size]
-            evals += len(batch)
-            hit = _first_with_signature(session, batch, policy, sig, bounds)
+            hit, runs = _first_with_signature(session, batch, policy, sig, bounds)
+            evals += runs
             if hit is not None or evals >= max_evals:
                 break
         if hit is None:
@@ -194,13 +194,16 @@ def _runnable(session: Session, spec: PromptSpec) -> bool:
 
 def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
                           sig: Signature, bounds: Optional[Bounds]
-                          ) -> Optional[tuple[PromptSpec, Verdict]]:
+                          ) -> tuple[Optional[tuple[PromptSpec, Verdict]], int]:
+    """The first candidate that keeps the signature (confirmed alone), and prompts run."""
+    runs = len(specs)
     if not specs:
-        return None
+        return None, runs
     for spec, verdict in zip(specs, session.run(specs, policy, bounds)):
         if verdict.finite or session.signature(verdict, spec.chat) != sig:
             continue
+        runs += 1
         alone = session.run([spec], policy, bounds)[0]  # the canonical verdict (see screen)
         if not alone.finite and session.signature(alone, spec.chat) == sig:
-            return spec, alone
-    return None
+            return (spec, alone), runs
+    return None, runs
