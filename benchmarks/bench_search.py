@@ -11,10 +11,14 @@ rounds (`fuzz run`'s defaults for an unsafe policy: 40 x UNSAFE_ROUND_FACTOR) un
 finding or its budget:
   random    Hypothesis generation only: fuzz.search.Search with `target()` disabled (no
             observations, so Hypothesis's target phase has nothing to climb);
-  targeted  fuzz.search.Search exactly as `fuzz run` uses it (target() on -log2(headroom));
+  targeted  fuzz.search.Search as `fuzz run` uses it (target() on -log2(headroom)), alone;
+  fuzz-run  targeted plus `fuzz run`'s mutation stage after each round (fuzz.nightly's
+            FuzzJob._mutation_stage: fuzz.search.mutate_nearest, single edits of the nearest
+            misses, a batch at a time while batches keep finding): the suite's default search;
   steered   a prototype (this file only): targeted, plus each round draws half its prompts as
             1-3 stacked text mutations (delete, duplicate, repeat, splice) of the nearest misses
-            so far (Stats.nearest), see mutants().
+            so far (Stats.nearest, snapshotted when the round starts), see mutants(); its rounds
+            are 40 examples (STEERED_ROUND_EXAMPLES) so that the pool is refreshed often.
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
 batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
 and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
@@ -32,6 +36,7 @@ import argparse
 import contextlib
 import hashlib
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -45,15 +50,20 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.reporting import with_reporter
 
 import fuzz.search
-from fuzz.engine.planted import digit_run_model, is_minimal_trigger, longest_digit_run
-from fuzz.generate import Bounds
+from fuzz.engine.planted import (
+    digit_run_model,
+    is_minimal_trigger,
+    longest_digit_run,
+    minimal_trigger,
+)
+from fuzz.generate import Bounds, PromptSpec
 from fuzz.nightly import UNSAFE_ROUND_FACTOR
-from fuzz.search import BudgetExhausted, NewSignature, Search, Stats
+from fuzz.search import BudgetExhausted, NewSignature, Search, Stats, mutate_nearest
 from fuzz.session import Session
 from fuzz.strategies import fragments, prompts
 
 POLICY = "float16"
-SEARCHERS = ("random", "targeted", "steered")
+SEARCHERS = ("random", "targeted", "fuzz-run", "steered")
 
 
 @dataclass
@@ -127,6 +137,10 @@ def targeting(enabled: bool) -> Iterator[None]:
 
 # --- the prototype steering: mutate the nearest misses -------------------------------------
 MUTATIONS = ("delete", "duplicate", "repeat", "splice")
+# The pool is refreshed when a round starts, so steering needs short rounds: with fuzz run's
+# 120-example rounds the first 120 examples (~300 prompts) are unsteered (measured: median 438
+# prompts to the first finding at RUN 24, against 172 with 40-example rounds).
+STEERED_ROUND_EXAMPLES = 40
 
 
 def mutants(pool: tuple[str, ...]) -> st.SearchStrategy[str]:
@@ -169,6 +183,38 @@ def round_strategy(searcher: str, base: st.SearchStrategy[str], stats: Stats
 
 
 # --- one search ------------------------------------------------------------------------------
+def mutation_stage(search: Search, tracker: Tracker, rng_seed: int) -> list[NewSignature]:
+    """FuzzJob._mutation_stage after an unsafe round (fuzz.nightly): up to MUTATION_BATCHES
+    batches of edits of the nearest misses (fuzz.search.mutate_nearest), going on only while a
+    batch finds something; a benchmark search stops at its first finding, so that is one batch."""
+    rng = random.Random(rng_seed)
+    found = mutate_nearest(search, rng)
+    tracker.count_batch()
+    if found and tracker.first is None:
+        tracker.first = (search.stats.examples, tracker.batches,
+                         time.perf_counter() - tracker.started, found[0].spec.text)
+    return found
+
+
+def verify_plant(session: Session, run: int) -> str:
+    """The model's contract, checked before searching: the minimal trigger overflows in float16
+    only, and one digit fewer (alone or next to other text) is finite."""
+    trigger, short = minimal_trigger(run), "9" * (run - 1)
+    checks = {
+        "trigger overflows in float16": not session.run([PromptSpec(trigger)], POLICY)[0].finite,
+        "trigger finite in bfloat16/float32": all(
+            session.run([PromptSpec(trigger)], p)[0].finite for p in ("bfloat16", "float32")),
+        "one short finite in float16": all(
+            v.finite for v in session.run([PromptSpec(short), PromptSpec(f"x {short} y")],
+                                          POLICY)),
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        raise RuntimeError(f"{session.model.name}: planted contract broken: {failed}")
+    return "; ".join(checks) + ": verified"
+
+
+
 def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: float,
                 max_prompts: int, round_examples: int, max_shrink_batches: int) -> RunResult:
     stats, tracker = Stats(), Tracker(max_prompts, max_shrink_batches)
@@ -184,11 +230,14 @@ def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: 
             search = _TrackedSearch(session, POLICY, True, set(), stats, deadline,
                                     on_batch=tracker.count_batch)
             search.tracker = tracker
+            examples = STEERED_ROUND_EXAMPLES if searcher == "steered" else round_examples
             try:
-                found = search.run(round_strategy(searcher, base, stats), round_examples,
+                found = search.run(round_strategy(searcher, base, stats), examples,
                                    database, digest, seed=seed * 1000 + rounds)
             except BudgetExhausted:  # as fuzz run: a shrink outlived the grace; take its best
                 found = list(search.pending.values())
+            if not found and searcher == "fuzz-run" and stats.examples < max_prompts:
+                found = mutation_stage(search, tracker, seed * 1000 + rounds)
             rounds += 1
     if not found:
         return RunResult(searcher, run, seed, False, stats.examples, tracker.batches,
@@ -293,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.round_examples}-example rounds, bounds {bounds.to_dict()}, shrink cap "
                  f"{shrink_cap or 'none'} batches)")
     print("# random = Hypothesis generation, target() disabled; targeted = fuzz.search.Search "
-          "as `fuzz run` uses it;\n# steered = targeted + the prototype nearest-miss mutations "
+          "with target(); fuzz-run = targeted + fuzz run's mutation stage (the suite's default);"
+          "\n# steered = targeted + the prototype's nearest-miss mutants inside Hypothesis "
           "(see mutants()). float16, BOS on, fresh example database per search.")
     results = []
     for run in runs:
         session = Session(digit_run_model(run), bounds=bounds, batch_size=args.batch_size)
         print(f"\n## run {run}: {session.model.name} (minimal trigger: {run} digits)")
+        print(f"# {verify_plant(session, run)}")
         print_table(["searcher", "seed", "found", "prompts", "batches", "rounds", "s to 1st",
                      "s total", "shrink batches", "first failing prompt (longest digit run)",
                      "saved case", "minimal"], [])
