@@ -252,8 +252,22 @@ def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: 
                      first_text, saved.text, is_minimal_trigger(saved.text, run))
 
 
+def ratio_text(b: float, a: float, max_prompts: int) -> str:
+    """b/a against the <= 1/3 target; a median past the budget is only known to exceed it."""
+    if math.isinf(a) and math.isinf(b):
+        return "undetermined (both medians are beyond the budget)"
+    if math.isinf(a):
+        bound = b / max_prompts
+        verdict = "meets" if bound <= 1 / 3 else "undetermined against"
+        return (f"{b:.0f}/(>{max_prompts}) < {bound:.2f} ({verdict} the <= 0.33 target; "
+                "random's median is beyond the budget)")
+    ratio = b / a
+    return f"{b:.0f}/{a:.0f} = {ratio:.2f} ({'meets' if ratio <= 1 / 3 else 'MISSES'} the <= " \
+           "0.33 target)"
+
+
 def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
-              shrink_cap: int) -> None:
+              shrink_cap: int, max_prompts: int) -> None:
     print("\n## Summary (median over seeds; a search that found nothing within its budget "
           "counts as +inf)")
     rows = []
@@ -284,10 +298,7 @@ def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
             b = medians.get((run, searcher))
             if searcher == "random" or a is None or b is None:
                 continue
-            ratio = b / a if math.isfinite(a) and a > 0 else math.nan
-            verdict = "meets" if ratio <= 1 / 3 else "MISSES"
-            print(f"run {run}: {searcher}/random median prompts = {b:.0f}/{a:.0f} = "
-                  f"{ratio:.2f} ({verdict} the <= 0.33 target)")
+            print(f"run {run}: {searcher}/random median prompts = {ratio_text(b, a, max_prompts)}")
     for searcher in searchers:
         found = [r for r in results if r.found and r.searcher == searcher]
         if found:
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.rounds} | {r.seconds:.1f} | {r.total_seconds:.1f} | "
                       f"{r.shrink_batches} | {first} | "
                       f"{r.saved_text!r} | {r.minimal} |", flush=True)
-    summarize(results, runs, searchers, shrink_cap)
+    summarize(results, runs, searchers, shrink_cap, max_prompts)
     return 0
 
 

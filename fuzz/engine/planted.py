@@ -39,6 +39,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -106,7 +107,7 @@ def plan_digit_run(run: int) -> DigitRunPlan:
     return plan
 
 
-def digit_token_ids(tokenizer) -> list[int]:
+def digit_token_ids(tokenizer: Any) -> list[int]:
     """The ids of "0".."9", each of which must be a single token."""
     ids = []
     for d in DIGITS:
