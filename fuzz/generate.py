@@ -85,6 +85,10 @@ class TokenizerLike(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+class EmptyPrompt(ValueError):
+    """An empty prompt without BOS: there is no token to run."""
+
+
 class PromptTooLong(ValueError):
     """The prompt is over --max-prompt-tokens (fuzzers discard such draws; users get the
     message)."""
@@ -101,7 +105,7 @@ def encode_prompt(tokenizer: TokenizerLike, spec: PromptSpec, bounds: Bounds) ->
             f"--max-prompt-tokens {len(ids)} (or more)"
         )
     if not ids:
-        raise ValueError(
+        raise EmptyPrompt(
             "the prompt is empty and BOS is off (--no-bos): there is no token to run; "
             "give a non-empty prompt or keep BOS on"
         )
@@ -159,6 +163,9 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
     # Position of each slot in its row's own sequence; padding gets -1 (0 for RoPE).
     slot_pos = torch.cumsum(valid.long(), dim=1) - 1
     slot_pos[~valid] = -1
+    # Host mirrors of what each step feeds (positions, tokens): the probe's attribution needs
+    # them on the host, and reading them back from the device would be more syncs per step.
+    pos_host, feed_host = slot_pos.numpy().copy(), ids.numpy()
     ids, valid, slot_pos = ids.to(device), valid.to(device), slot_pos.to(device)
     probe = Probe()
     recorder = _Tee(probe, extra)
@@ -175,30 +182,30 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
         logits = engine(batch, cache, recorder)
         next_ids = torch.argmax(logits.float(), dim=-1)
         stats = probe.end_step()
-        # One host transfer per step: the probe table and the next tokens together (token ids
-        # are < 2**24, exact in float32).
+        # The one host transfer per step: the probe table and the next tokens together (token
+        # ids are < 2**24, exact in float32); positions and fed tokens have host mirrors.
         packet = torch.cat([stats.flatten(), next_ids.float()]).cpu().numpy()
         stats_np = packet[: stats.numel()].reshape(stats.shape)
         next_np = packet[stats.numel():].astype(np.int64)
-        pos_np = slot_pos[:, start:end].cpu().numpy()
-        feed_np = feed.cpu().numpy()
-        still = _advance(rows, live, step, stats_np, pos_np, feed_np, next_np, probe.keys,
-                         stops, bounds, time.monotonic() > deadline)
+        still = _advance(rows, live, step, stats_np, pos_host[:, start:end], feed_host,
+                         next_np, probe.keys, stops, bounds, time.monotonic() > deadline)
         step += 1
         if not still:
             break
         if len(still) < len(live):
-            keep = torch.tensor([live.index(i) for i in still], device=device)
+            kept = [live.index(i) for i in still]
+            keep = torch.tensor(kept, device=device)
             cache.keep_rows(keep)
             valid, slot_pos = valid.index_select(0, keep), slot_pos.index_select(0, keep)
-            next_ids = next_ids.index_select(0, keep)
+            next_ids, next_np = next_ids.index_select(0, keep), next_np[kept]
+            pos_host = pos_host[kept]
             live = still
         # Decode: each live row feeds its last token at the next slot.
         start = end
-        slot_pos[:, start] = torch.tensor([len(rows[i].ids) + step - 1 for i in live],
-                                          device=device)
+        pos_host[:, start] = [len(rows[i].ids) + step - 1 for i in live]
+        slot_pos[:, start] = torch.from_numpy(pos_host[:, start]).to(device)
         valid[:, start] = True
-        feed = next_ids.view(-1, 1)
+        feed, feed_host = next_ids.view(-1, 1), next_np.reshape(-1, 1)
     return SiteTable(probe.keys, probe.limits, engine.config.num_hidden_layers)
 
 

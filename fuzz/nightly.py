@@ -159,7 +159,6 @@ class FuzzJob:
         self.known.add(case.signature)
         err.screened.verdict, err.screened.signature = verdict, case.signature
         self.found.append(FoundCase(err, result.status, str(result.path), mode))
-        self.stats.findings += result.status == "saved"
 
     # --- progress and summary ------------------------------------------------------------------
     def _progress_bar(self):
@@ -190,7 +189,8 @@ class FuzzJob:
         for f in self.found:
             v = f.error.screened.verdict
             first = v.first_nonfinite
-            print(f"  {f.status:<16} {v.policy:<22} BOS {'on ' if v.add_bos else 'off'} "
+            bos = "on " if v.add_bos else "off"
+            print(f"  {f.status:<16} {f.mode:<11} {v.policy:<22} BOS {bos} "
                   f"{first.kind} step {first.step} layer {first.layer} {first.site} "
                   f"pos {first.position}  prompt {v.prompt!r}  -> {f.path}")
         for policy, h in sorted(self.stats.best_headroom.items()):
@@ -213,7 +213,7 @@ class FuzzJob:
             near = self.stats.nearest.get(p.name, [])
             policies.append(PolicySummary(
                 policy=p.name, dtype=str(p.dtype).replace("torch.", ""),
-                expected_safe=p.expected_safe, examples=self._examples_of(p.name),
+                expected_safe=p.expected_safe, examples=self.stats.per_policy.get(p.name, 0),
                 findings=findings, nearest_misses=near,
                 best_headroom=self.stats.best_headroom.get(p.name, math.inf),
                 peak=findings[0].verdict if findings else (near[0] if near else None),
@@ -227,9 +227,6 @@ class FuzzJob:
             corpus_dir=str(self.corpus.root),
             started=self.started_at, engine=self.session.engine_kind,
             command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-
-    def _examples_of(self, policy: str) -> int:
-        return self.stats.per_policy.get(policy, 0)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -52,7 +52,6 @@ POLICIES: dict[str, PrecisionPolicy] = {
                         "float16 matmuls, residual stream kept in float32 (vLLM style)"),
     )
 }
-DEFAULT_POLICIES = tuple(POLICIES)
 
 
 def get_policy(name: str) -> PrecisionPolicy:

@@ -168,19 +168,15 @@ class FuzzHarness:
     def check(self, text: str, policy: str, add_bos: bool = True) -> None:
         from hypothesis import reject
 
-        from .generate import PromptSpec, PromptTooLong
+        from .generate import EmptyPrompt, PromptSpec, PromptTooLong
         from .search import error_for
 
         spec = PromptSpec(text, add_bos=add_bos)
         safe = get_policy(policy).expected_safe
         try:
             screened = self.session.screen([spec], policy, set() if safe else self.known)[0]
-        except PromptTooLong:
-            reject()  # over the token bound: not a prompt this run may feed
-        except ValueError as err:
-            if "empty" in str(err) and not add_bos:
-                reject()  # the empty prompt without BOS has no token to run
-            raise
+        except (PromptTooLong, EmptyPrompt):
+            reject()  # over the token bound, or no token at all: not a prompt this run can feed
         if screened.new:
             raise error_for(screened.signature)(screened, spec)
 

@@ -4,8 +4,8 @@ One Hypothesis run searches one (policy, BOS mode). An example is a LIST of prom
 batched generation (batching amortises reading the weights, NUMERICS.md); the example fails when a
 prompt shows a signature that is not known yet. Each signature raises its own exception class,
 so Hypothesis treats each as a separate bug and shrinks each to its own minimal example (a list of
-one minimal prompt). Only those final, shrunk examples reach `Search.findings`: the intermediate
-ones never reach the corpus.
+one minimal prompt). Only those final, shrunk examples are returned by `Search.run`: the
+intermediate ones never reach the corpus.
 
 Steering: every example reports `hypothesis.target()` on -log2(content headroom) — how close the
 batch came to the dtype's limit, away from the BOS sink every prompt shares — so Hypothesis's
@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, Phase, given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
-from hypothesis.errors import HypothesisException
 
 from .corpus import Signature
 from .generate import PromptSpec, encode_prompt
@@ -82,7 +81,6 @@ class Stats:
     """Shared by every round of a run: what the progress bar and the report show."""
 
     examples: int = 0  # prompts screened
-    findings: int = 0
     per_policy: dict[str, int] = field(default_factory=dict)  # prompts screened per policy
     best_headroom: dict[str, float] = field(default_factory=dict)  # per policy, content positions
     nearest: dict[str, list[Verdict]] = field(default_factory=dict)  # per policy, finite only
@@ -182,8 +180,6 @@ class Search:
             if rest is not None:
                 raise rest from None
             return list(_leaves(matched))
-        except HypothesisException:
-            raise
         return []
 
 

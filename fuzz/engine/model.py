@@ -137,6 +137,19 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat([rotated.real, rotated.imag], dim=-1).type_as(x)
 
 
+def attention_mask(batch: Batch, window: Optional[int]) -> torch.Tensor:
+    """[B, 1, T, S] float32 additive mask: causal, padding, and the sliding window (if any)."""
+    q_pos = batch.positions.unsqueeze(-1)  # [B, T, 1]
+    k_pos = batch.key_positions.unsqueeze(1)  # [B, 1, S]
+    slots = torch.arange(batch.key_valid.shape[1], device=q_pos.device)
+    q_slot = batch.slot_start + torch.arange(q_pos.shape[1], device=q_pos.device)
+    allowed = (slots.view(1, 1, -1) <= q_slot.view(1, -1, 1)) & batch.key_valid.unsqueeze(1)
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    zero = torch.zeros((), dtype=torch.float32, device=q_pos.device)
+    return torch.where(allowed, zero, MASK_VALUE).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GemmaConfig, attn_type: AttentionType) -> None:
         super().__init__()
@@ -158,19 +171,9 @@ class Attention(nn.Module):
             self.query_norm = self.key_norm = None
 
     def mask(self, batch: Batch) -> torch.Tensor:
-        """[B, 1, T, S] float32 additive mask: causal, padding, and the sliding window."""
-        q_pos = batch.positions.unsqueeze(-1)  # [B, T, 1]
-        k_pos = batch.key_positions.unsqueeze(1)  # [B, 1, S]
-        slots = torch.arange(batch.key_valid.shape[1], device=q_pos.device)
-        q_slot = batch.slot_start + torch.arange(q_pos.shape[1], device=q_pos.device)
-        q_slot = q_slot.view(1, -1, 1)
-        allowed = (slots.view(1, 1, -1) <= q_slot) & batch.key_valid.unsqueeze(1)
-        if self.window is not None:
-            allowed &= (q_pos - k_pos) < self.window
-        zero = torch.zeros((), dtype=torch.float32, device=q_pos.device)
-        return torch.where(allowed, zero, MASK_VALUE).unsqueeze(1)
+        return attention_mask(batch, self.window)
 
-    def forward(self, x: torch.Tensor, batch: Batch, freqs: torch.Tensor,
+    def forward(self, x: torch.Tensor, batch: Batch, freqs: torch.Tensor, mask: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor], layer: int,
                 rec: Optional[Recorder]) -> torch.Tensor:
         b, t, _ = x.shape
@@ -206,7 +209,7 @@ class Attention(nn.Module):
             scores = torch.tanh(scores / self.softcap) * self.softcap
         if rec:
             rec.site(layer, "attn_scores", scores)
-        scores = scores + self.mask(batch)  # float32 mask promotes the scores to float32
+        scores = scores + mask  # float32 mask promotes the scores to float32
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
         out = torch.matmul(probs, value.transpose(1, 2))
         out = out.transpose(1, 2).contiguous().view(b, t, -1)
@@ -260,11 +263,11 @@ class DecoderLayer(nn.Module):
             rec.residual(self.index, name, residual, branch, out)
         return out
 
-    def forward(self, h: torch.Tensor, batch: Batch, freqs: torch.Tensor,
+    def forward(self, h: torch.Tensor, batch: Batch, freqs: torch.Tensor, mask: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype, num: Numerics,
                 rec: Optional[Recorder]) -> torch.Tensor:
         x = self._norm("input_layernorm", h, dtype, num, rec)
-        x = self.self_attn(x, batch, freqs, cache, self.index, rec)
+        x = self.self_attn(x, batch, freqs, mask, cache, self.index, rec)
         if rec:
             rec.site(self.index, "attn_output", x)
         if self.sandwich:
@@ -336,10 +339,14 @@ class GemmaForCausalLM(nn.Module):
             rec.site(-1, "embedding", h)
         if num.residual_dtype is not None:
             h = h.to(num.residual_dtype)
+        # RoPE tables and masks depend only on the attention type: built once per forward.
+        kinds = {layer.attn_type: layer.self_attn.window for layer in self.model.layers}
         freqs = {t: rope_frequencies(cfg.head_dim, batch.positions, cfg.rope_theta(t))
-                 for t in {layer.attn_type for layer in self.model.layers}}
+                 for t in kinds}
+        masks = {t: attention_mask(batch, window) for t, window in kinds.items()}
         for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer(h, batch, freqs[layer.attn_type], layer_cache, dtype, num, rec)
+            t = layer.attn_type
+            h = layer(h, batch, freqs[t], masks[t], layer_cache, dtype, num, rec)
         if last_only:
             h = h[:, -1:]
         h = self.model.norm(h, dtype)
