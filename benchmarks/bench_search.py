@@ -12,13 +12,14 @@ finding or its budget:
   random    Hypothesis generation only: fuzz.search.Search with `target()` disabled (no
             observations, so Hypothesis's target phase has nothing to climb);
   targeted  fuzz.search.Search as `fuzz run` uses it (target() on -log2(headroom)), alone;
-  fuzz-run  targeted plus `fuzz run`'s mutation stage after each round (fuzz.nightly's
+  fuzz-run  targeted plus `fuzz run`'s mutation stage after each round (fuzz.run's
             FuzzJob._mutation_stage: fuzz.search.mutate_nearest, single edits of the nearest
             misses, a batch at a time while batches keep finding): the suite's default search;
   steered   a prototype (this file only): targeted, plus each round draws half its prompts as
             1-3 stacked text mutations (delete, duplicate, repeat, splice) of the nearest misses
-            so far (Stats.nearest, snapshotted when the round starts), see mutants(); its rounds
-            are 40 examples (STEERED_ROUND_EXAMPLES) so that the pool is refreshed often.
+            so far (PolicySummary.nearest_misses, snapshotted when the round starts), see
+            mutants(); its rounds are 40 examples (STEERED_ROUND_EXAMPLES) so that the pool is
+            refreshed often.
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
 batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
 and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
@@ -57,8 +58,9 @@ from fuzz.engine.planted import (
     minimal_trigger,
 )
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.nightly import UNSAFE_ROUND_FACTOR
-from fuzz.search import BudgetExhausted, NewSignature, Search, Stats, mutate_nearest
+from fuzz.report import PolicySummary
+from fuzz.run import UNSAFE_ROUND_FACTOR
+from fuzz.search import BudgetExhausted, NewSignature, Search, mutate_nearest
 from fuzz.session import Session
 from fuzz.strategies import fragments, prompts
 
@@ -110,7 +112,7 @@ class _TrackedSearch(Search):
     tracker: Tracker
 
     def check(self, texts: list[str]) -> None:
-        if self.stats.examples >= self.tracker.max_prompts and not self.pending:
+        if self.summary.examples >= self.tracker.max_prompts and not self.pending:
             return  # out of budget, as Search does past its deadline
         if self.tracker.shrink_capped():
             return
@@ -118,7 +120,7 @@ class _TrackedSearch(Search):
             super().check(texts)
         except NewSignature as err:
             if self.tracker.first is None:
-                self.tracker.first = (self.stats.examples, self.tracker.batches,
+                self.tracker.first = (self.summary.examples, self.tracker.batches,
                                       time.perf_counter() - self.tracker.started, err.spec.text)
             raise
 
@@ -174,24 +176,24 @@ def _mutate(draw: st.DrawFn, op: str, text: str) -> str:
     return text[:at] + fragment + text[at:]
 
 
-def round_strategy(searcher: str, base: st.SearchStrategy[str], stats: Stats
+def round_strategy(searcher: str, base: st.SearchStrategy[str], summary: PolicySummary
                    ) -> st.SearchStrategy[str]:
     if searcher != "steered":
         return base
-    pool = tuple(v.prompt for v in stats.nearest.get(POLICY, []))
+    pool = tuple(v.prompt for v in summary.nearest_misses)
     return st.one_of(base, mutants(pool)) if pool else base
 
 
 # --- one search ------------------------------------------------------------------------------
 def mutation_stage(search: Search, tracker: Tracker, rng_seed: int) -> list[NewSignature]:
-    """FuzzJob._mutation_stage after an unsafe round (fuzz.nightly): up to MUTATION_BATCHES
+    """FuzzJob._mutation_stage after an unsafe round (fuzz.run): up to MUTATION_BATCHES
     batches of edits of the nearest misses (fuzz.search.mutate_nearest), going on only while a
     batch finds something; a benchmark search stops at its first finding, so that is one batch."""
     rng = random.Random(rng_seed)
     found = mutate_nearest(search, rng)
     tracker.count_batch()
     if found and tracker.first is None:
-        tracker.first = (search.stats.examples, tracker.batches,
+        tracker.first = (search.summary.examples, tracker.batches,
                          time.perf_counter() - tracker.started, found[0].spec.text)
     return found
 
@@ -217,7 +219,7 @@ def verify_plant(session: Session, run: int) -> str:
 
 def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: float,
                 max_prompts: int, round_examples: int, max_shrink_batches: int) -> RunResult:
-    stats, tracker = Stats(), Tracker(max_prompts, max_shrink_batches)
+    stats, tracker = PolicySummary.for_policy(POLICY), Tracker(max_prompts, max_shrink_batches)
     base = prompts(max_chars=4 * session.bounds.max_prompt_tokens)  # as fuzz run draws
     deadline = time.monotonic() + budget_s
     found: list[NewSignature] = []

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from _common import print_header, print_table
 
 from fuzz.engine.config import AttentionType, GemmaConfig
-from fuzz.engine.model import Batch, prompt_batch
+from fuzz.engine.interface import Batch, prompt_batch
 from fuzz.engine.upstream import upstream_available
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, encode_prompt

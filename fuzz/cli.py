@@ -1,4 +1,4 @@
-"""`python -m fuzz …` (also `gemma-fuzz`): check, add, replay, run. Contracts: shared DESIGN.md."""
+"""`python -m fuzz …` (also `gemma-fuzz`): check, add, replay, run. Contracts: docs/DESIGN.md."""
 from __future__ import annotations
 
 import argparse
@@ -177,7 +177,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # --- run ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .nightly import FuzzJob
+    from .run import FuzzJob
 
     job = FuzzJob.from_args(args, _options(args), _bounds(args))
     return job.main()
@@ -223,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=parse_duration, default=parse_duration("8m"),
                    help="how long to search, e.g. 90s, 10m, 2h (default 8m)")
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
-    p.add_argument("--bos-modes", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--report", help="write the report here (.md, .html and .json side by side)")

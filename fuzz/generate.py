@@ -22,7 +22,7 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 
-from .engine.model import RESIDUAL_SITES, Batch, Recorder
+from .engine.interface import RESIDUAL_SITES, Batch, Recorder
 from .probe import CaptureResidual, Probe, RowState, SiteTable, StepView, update_row
 from .verdict import Verdict
 

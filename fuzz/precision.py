@@ -2,7 +2,7 @@
 
 The plain policies run the whole model in one dtype, exactly as upstream does when it builds the
 model under `torch.set_default_dtype`. The mitigated ones depart from upstream on purpose, the way
-other projects patched the same overflow (NUMERICS.md, "Elsewhere"):
+other projects patched the same overflow (docs/NUMERICS.md):
 - float16-clamp: clamp the residual stream and every norm output to finfo(float16).max - 1000
   (T5's fix in transformers PR #9487; Gemma 3 fixes #36831/#36832). Measured on Gemma 3 270M: keeps
   every prompt finite.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine.model import FAITHFUL, Numerics
+from .engine.interface import FAITHFUL, Numerics
 
 FLOAT16_CLAMP = torch.finfo(torch.float16).max - 1000
 

@@ -145,7 +145,7 @@ class CaptureResidual:
     Used once per finding (fuzz.generate.explain): the run is replayed with this recorder, which
     captures `residual` and `branch` at (layer, site) on the given step; the overflowing channel
     is where the finite terms sum past the dtype's limit (e.g. layer 7, channel 163: 55008 +
-    13376 -> 68384 > 65504 on Gemma 3 270M with BOS, NUMERICS.md)."""
+    13376 -> 68384 > 65504 on Gemma 3 270M with BOS, docs/NUMERICS.md)."""
 
     def __init__(self, layer: int, site: str) -> None:
         self.layer, self.name = layer, site

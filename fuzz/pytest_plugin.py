@@ -3,7 +3,7 @@
 Registered through the `pytest11` entry point (and the root conftest.py of this repository).
 
 - One model load per process (per xdist worker), lazily, on first use; every policy's model is
-  cast from the same float32 master copy (fuzz.engine.zoo.LoadedModel.engine).
+  cast from the same float32 master copy (fuzz.engine.loaded.LoadedModel.engine).
 - `gemma_policy` is parametrised over `--gemma-policies`; `gemma_bos` over the BOS modes.
 - A fuzz test fails with `fuzz.search.NewSignature` (an AssertionError). When Hypothesis has
   finished shrinking, the exception it finally raises comes from the minimal example: this plugin

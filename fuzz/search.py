@@ -1,10 +1,10 @@
 """The search: Hypothesis generates batches of prompts, the model screens them, new signatures fail.
 
 One Hypothesis run searches one (policy, BOS mode). An example is a LIST of prompts screened in one
-batched generation (batching amortises reading the weights, NUMERICS.md); the example fails when a
-prompt shows a signature that is not known yet. Each signature raises its own exception class,
-so Hypothesis treats each as a separate bug and shrinks each to its own minimal example (a list of
-one minimal prompt). Only those final, shrunk examples are returned by `Search.run`: the
+batched generation (batching amortises reading the weights, docs/NUMERICS.md); the example fails
+when a prompt shows a signature that is not known yet. Each signature raises its own exception
+class, so Hypothesis treats each as a separate bug and shrinks each to its own minimal example (a
+list of one minimal prompt). Only those final, shrunk examples are returned by `Search.run`: the
 intermediate ones never reach the corpus.
 
 Steering: every example reports `hypothesis.target()` on -log2(content headroom) — how close the
@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
 
 from .corpus import Signature
-from .generate import PromptSpec, encode_prompt
+from .generate import Bounds, PromptSpec
+from .report import PolicySummary
 from .session import Screened, Session
 from .verdict import Verdict
 
@@ -77,32 +78,6 @@ def headroom_score(verdicts: list[Verdict]) -> float:
 
 
 @dataclass
-class Stats:
-    """Shared by every round of a run: what the progress bar and the report show."""
-
-    examples: int = 0  # prompts screened
-    per_policy: dict[str, int] = field(default_factory=dict)  # prompts screened per policy
-    best_headroom: dict[str, float] = field(default_factory=dict)  # per policy, content positions
-    nearest: dict[str, list[Verdict]] = field(default_factory=dict)  # per policy, finite only
-
-    def fold(self, policy: str, verdicts: list[Verdict], keep: int = 5) -> None:
-        self.examples += len(verdicts)
-        self.per_policy[policy] = self.per_policy.get(policy, 0) + len(verdicts)
-        for v in verdicts:
-            if not v.finite:
-                continue
-            h = v.min_headroom(content_only=True)
-            if h < self.best_headroom.get(policy, math.inf):
-                self.best_headroom[policy] = h
-            near = self.nearest.setdefault(policy, [])
-            if any(n.prompt == v.prompt and n.add_bos == v.add_bos for n in near):
-                continue  # Hypothesis replays examples: keep each prompt once
-            near.append(v)
-            near.sort(key=lambda x: x.min_headroom(content_only=True))
-            del near[keep:]
-
-
-@dataclass
 class Search:
     """Searches one (policy, BOS mode) until a new signature is found or the round ends."""
 
@@ -110,7 +85,7 @@ class Search:
     policy: str
     add_bos: bool
     known: set[Signature]
-    stats: Stats
+    summary: PolicySummary  # this policy's counts and nearest misses, shared by every round
     deadline: float  # time.monotonic() after which examples return at once
     on_batch: Optional[Callable[[], None]] = None  # progress callback
     # The shortest failing prompt seen so far per new signature: what an interrupted run saves
@@ -124,15 +99,14 @@ class Search:
             return  # out of budget: the remaining examples of this round cost nothing
         if now > self.deadline + SHRINK_GRACE_S:
             raise BudgetExhausted  # the caller saves the shortest failing prompt per signature
-        specs = [s for s in (PromptSpec(t, add_bos=self.add_bos) for t in texts) if self._fits(s)]
+        specs = self.runnable_specs(texts)
         if not specs:
             return
         # Once a failure is being shrunk, candidates need run no further than its step.
         cap = max((e.screened.verdict.first_nonfinite.step for e in self.pending.values()),
                   default=None)
         bounds = self.session.capped(cap) if cap is not None else None
-        results = self.session.screen(specs, self.policy, self.known, bounds)
-        self.stats.fold(self.policy, [r.verdict for r in results])
+        results = self.screen(specs, bounds)
         target(headroom_score([r.verdict for r in results]), label=self.policy)
         if self.on_batch:
             self.on_batch()
@@ -144,13 +118,17 @@ class Search:
                     self.pending[r.signature] = err
                 raise err
 
-    def _fits(self, spec: PromptSpec) -> bool:
+    def runnable_specs(self, texts: list[str]) -> list[PromptSpec]:
         """Over-long prompts and (without BOS) the empty prompt cannot run: leave them out."""
-        try:
-            encode_prompt(self.session.model.tokenizer, spec, self.session.bounds)
-            return True
-        except ValueError:
-            return False
+        specs = [PromptSpec(t, add_bos=self.add_bos) for t in texts]
+        return [s for s in specs if self.session.runnable(s)]
+
+    def screen(self, specs: list[PromptSpec], bounds: Optional[Bounds] = None) -> list[Screened]:
+        """Screens a batch and counts every verdict into the policy's summary."""
+        results = self.session.screen(specs, self.policy, self.known, bounds)
+        for r in results:
+            self.summary.observe(r.verdict)
+        return results
 
     def run(self, prompts: st.SearchStrategy[str], max_examples: int,
             database: Optional[ExampleDatabase], digest: bytes,
@@ -192,7 +170,7 @@ def _leaves(group: BaseExceptionGroup):
 
 
 # Small edits that move a near miss across the limit: digits and the punctuation and lone spaces
-# that form secondary attention sinks (NUMERICS.md: a lone "▁" before a digit, "," or ".").
+# that form secondary attention sinks (docs/NUMERICS.md: a lone "▁" before a digit, "," or ".").
 MUTATION_PIECES = (" 0", " 1", " 7", "0", ",", ".", " ", "\n", " 0 0", " 30")
 
 
@@ -214,15 +192,12 @@ def mutate_nearest(search: Search, rng: random.Random, parents: int = 4,
     Hypothesis's targeting climbs slowly when each example costs a generation: on Gemma 3 270M
     without BOS, random search stalled at headroom 1.01 for 700+ prompts, while edits of those
     near misses overflowed in 11 of 64 tries (measured). Returns new signatures (unshrunk: the
-    caller minimizes them) and folds finite results into the stats as usual."""
-    near = [v for v in search.stats.nearest.get(search.policy, [])
-            if v.add_bos == search.add_bos][:parents]
-    texts = [mutate(v.prompt, rng) for v in near for _ in range(children)]
-    specs = [s for s in (PromptSpec(t, add_bos=search.add_bos) for t in texts) if search._fits(s)]
+    caller minimizes them) and counts every result into the policy's summary as usual."""
+    near = [v for v in search.summary.nearest_misses if v.add_bos == search.add_bos][:parents]
+    specs = search.runnable_specs([mutate(v.prompt, rng) for v in near for _ in range(children)])
     if not specs:
         return []
-    results = search.session.screen(specs, search.policy, search.known)
-    search.stats.fold(search.policy, [r.verdict for r in results])
+    results = search.screen(specs)
     new: dict[Signature, NewSignature] = {}
     for spec, r in zip(specs, results):
         if r.new and r.signature not in new:

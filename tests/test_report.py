@@ -1,6 +1,6 @@
 """The run report: data model, markdown, self-contained HTML, plots, JSON, and a real browser.
 
-Verdicts are built by hand after what NUMERICS.md measured on Gemma 3 270M (18 layers): in
+Verdicts are built by hand after what docs/NUMERICS.md measured on Gemma 3 270M (18 layers): in
 float16 with BOS, residual channel 163 at layer 7 holds 55008 after attention and the post-FFN
 branch adds 13376 -> 68384 > 65504 (inf at residual_mlp, position 0), NaN from layer 8 on.
 No model is needed.
@@ -47,7 +47,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def layer_values(layer: int, residual: float) -> dict[str, float]:
-    """One layer's max |x| per site with the magnitudes NUMERICS.md reports."""
+    """One layer's max |x| per site with the magnitudes docs/NUMERICS.md reports."""
     return {"input_layernorm": 60.0 + layer, "qkv": 40.0 + layer, "attn_scores": 30.0 + layer,
             "attn_output": 150.0 + 10 * layer, "post_attention_layernorm": residual / 8,
             "residual_attn": residual * 0.9, "pre_feedforward_layernorm": 80.0,

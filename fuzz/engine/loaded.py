@@ -1,0 +1,68 @@
+"""A model loaded for testing: config, float32 master weights, tokenizer and fingerprint.
+
+A LoadedModel keeps one float32 master copy of the weights; each policy's model is cast from it
+(never re-reading the weights) and cached, one per (policy, device, engine).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import GemmaConfig
+from .model import materialize
+
+ENGINES = ("builtin", "upstream")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: GemmaConfig
+    state: dict[str, torch.Tensor]  # float32 master copy, upstream parameter names
+    tokenizer: Any  # fuzz.engine.tokenizer.Tokenizer
+    fingerprint: str  # sha256 of weights + config + tokenizer
+    source: str  # where the weights came from (path or "synthetic")
+    _engines: dict[tuple, Any] = field(default_factory=dict, repr=False)
+
+    def engine(self, policy: Any, device: str | torch.device = "cpu",
+               kind: str = "builtin") -> Any:
+        """The model cast for a precision policy (fuzz.precision.PrecisionPolicy), cached."""
+        key = (policy.name, str(device), kind)
+        if key not in self._engines:
+            self._engines[key] = self._build(policy, device, kind)
+        return self._engines[key]
+
+    def _build(self, policy: Any, device: str | torch.device, kind: str) -> Any:
+        if kind == "builtin":
+            return materialize(self.config, self.state, policy.dtype, policy.numerics, device)
+        if kind == "upstream":
+            if not policy.faithful:
+                raise ValueError(
+                    f"policy {policy.name!r} is a mitigation that upstream gemma_pytorch does not "
+                    "have; run it with --engine builtin, or pick float32, bfloat16 or float16"
+                )
+            from .upstream import UpstreamEngine
+
+            return UpstreamEngine(self.config, self.state, policy.dtype, device,
+                                  self.tokenizer.serialized_model_proto())
+        raise ValueError(f"unknown engine {kind!r}; valid engines are: {', '.join(ENGINES)}")
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(config: GemmaConfig, weights_hash: str, tokenizer: Any) -> str:
+    """What identifies a model: its config, its weights and its tokenizer (32 hex digits)."""
+    h = hashlib.sha256()
+    h.update(config.fingerprint_text().encode())
+    h.update(weights_hash.encode())
+    h.update(tokenizer.fingerprint().encode())
+    return h.hexdigest()[:32]

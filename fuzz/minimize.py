@@ -1,0 +1,68 @@
+"""The text minimizer: delta debugging on a failing prompt after Hypothesis has shrunk it.
+
+Hypothesis shrinks the structure it drew, but its strategies cannot always reach the plainest text
+(a trigger "7" drawn inside the integer "287" shrinks by value toward 0, not by deleting "2" and
+"8"); fuzzers finish the same way (AFL's tmin, C-Reduce). Candidates are screened in batches and a
+hit is confirmed alone (the canonical verdict, fuzz.session.Session.screen).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from .corpus import Signature
+from .generate import Bounds, PromptSpec
+from .verdict import Verdict
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+def deletion_candidates(text: str, chunk: int) -> list[str]:
+    """Every way to delete one run of `chunk` characters (aligned to chunk boundaries)."""
+    return [text[:i] + text[i + chunk:] for i in range(0, len(text), chunk)]
+
+
+def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
+                  bounds: Optional[Bounds] = None, max_evals: int = 96
+                  ) -> tuple[PromptSpec, Optional[Verdict]]:
+    """Deletes character runs (halving their length down to one character) while the failure
+    keeps its exact signature, within `max_evals` prompts run.
+
+    Returns the smallest prompt found (1-minimal when the budget allows) and its verdict
+    (None when nothing could be deleted)."""
+    best, best_verdict, evals = spec, None, 0
+    chunk = max(1, len(spec.text) // 2)
+    while chunk >= 1 and evals < max_evals and best.text:
+        candidates = [PromptSpec(t, spec.add_bos, spec.chat)
+                      for t in deletion_candidates(best.text, chunk)]
+        candidates = [c for c in candidates if session.runnable(c)]
+        hit = None
+        for i in range(0, len(candidates), session.batch_size):
+            batch = candidates[i: i + session.batch_size]
+            hit, runs = _first_with_signature(session, batch, policy, sig, bounds)
+            evals += runs
+            if hit is not None or evals >= max_evals:
+                break
+        if hit is None:
+            chunk //= 2
+        else:
+            best, best_verdict = hit
+            chunk = min(chunk, max(1, len(best.text) // 2))
+    return best, best_verdict
+
+
+def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
+                          sig: Signature, bounds: Optional[Bounds]
+                          ) -> tuple[Optional[tuple[PromptSpec, Verdict]], int]:
+    """The first candidate that keeps the signature (confirmed alone), and prompts run."""
+    runs = len(specs)
+    if not specs:
+        return None, runs
+    for spec, verdict in zip(specs, session.run(specs, policy, bounds)):
+        if verdict.finite or session.signature(verdict, spec.chat) != sig:
+            continue
+        runs += 1
+        alone = session.run([spec], policy, bounds)[0]  # the canonical verdict (see screen)
+        if not alone.finite and session.signature(alone, spec.chat) == sig:
+            return (spec, alone), runs
+    return None, runs

@@ -1,0 +1,94 @@
+"""The fuzz run's report: data model, markdown, self-contained HTML with plots, and JSON.
+
+The search fills a :class:`RunSummary` (one :class:`PolicySummary` per precision policy, each
+holding its :class:`Finding` records and its nearest misses) and calls :func:`write_report`, which
+writes ``<stem>.md``, ``<stem>.html`` and ``<stem>.json`` side by side.
+
+The package, one module per concern (this module re-exports their public names, so callers say
+``from fuzz.report import NAME``):
+
+- ``model``: Finding, PolicySummary, RunSummary and their strict-JSON form (the ``.json`` file);
+- ``text``: the text pieces both renderers share (numbers, prompts, commands, descriptions);
+- ``markdown``: :func:`render_markdown`, what a person reads in a CI log or a PR;
+- ``html``: :func:`render_html`, the same content in one file that needs nothing else;
+- ``plots``: a verdict's figure and PNG (one per policy for the HTML page), on matplotlib's
+  Agg canvas (never pyplot), matplotlib imported lazily: importing fuzz.report loads none;
+- ``files``: :func:`write_report` and :func:`report_paths`, atomic writes via fuzz.atomic.
+"""
+from __future__ import annotations
+
+from .files import DEFAULT_STEM, REPORT_SUFFIXES, report_paths, write_report
+from .html import render_html
+from .markdown import md_cell, md_code, render_markdown
+from .model import (
+    DTYPE_MAX,
+    FINDING_STATUSES,
+    NEAREST_MISSES,
+    STOP_REASONS,
+    Finding,
+    PolicySummary,
+    RunSummary,
+    unique_misses,
+)
+from .plots import (
+    GROUP_COLORS,
+    SITE_GROUPS,
+    default_title,
+    plot_text,
+    plot_verdict,
+    render_plots,
+    render_png,
+    verdict_figure,
+)
+
+# Plot internals, re-exported on purpose ("as" marks that) but kept out of __all__:
+# tests/test_report.py checks the series they build without drawing a figure.
+from .plots import _group_series as _group_series
+from .plots import _headroom_series as _headroom_series
+from .plots import _layer_axis as _layer_axis
+from .text import (
+    also_hit,
+    best_headroom_text,
+    bos_text,
+    bounds_text,
+    check_command,
+    describe_nonfinite,
+    describe_position,
+    describe_step,
+    describe_terms,
+    describe_where,
+    fmt_duration,
+    fmt_headroom,
+    fmt_value,
+    group_findings,
+    header_facts,
+    min_headroom_site,
+    nonfinite_layer_label,
+    num_layers,
+    plural,
+    policy_status,
+    prompt_literal,
+    replay_command,
+    run_command,
+    shell_quote,
+    signature_text,
+    site_limit,
+    status_text,
+)
+
+__all__ = [
+    "DEFAULT_STEM", "DTYPE_MAX", "FINDING_STATUSES", "GROUP_COLORS", "NEAREST_MISSES",
+    "REPORT_SUFFIXES", "SITE_GROUPS", "STOP_REASONS",
+    "Finding", "PolicySummary", "RunSummary", "unique_misses",
+    "also_hit", "best_headroom_text", "bos_text", "bounds_text", "check_command",
+    "describe_nonfinite", "describe_position", "describe_step", "describe_terms",
+    "describe_where", "fmt_duration", "fmt_headroom", "fmt_value", "group_findings",
+    "header_facts", "min_headroom_site", "nonfinite_layer_label", "num_layers", "plural",
+    "policy_status", "prompt_literal", "replay_command", "run_command", "shell_quote",
+    "signature_text", "site_limit", "status_text",
+    "md_cell", "md_code", "render_markdown",
+    "render_html",
+    "default_title", "plot_text", "plot_verdict", "render_plots", "render_png",
+    "verdict_figure",
+    "report_paths", "write_report",
+]

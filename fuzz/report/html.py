@@ -1,0 +1,128 @@
+"""The HTML report: the markdown report's content in one self-contained file.
+
+It needs nothing else: inline CSS, plots as base64 PNG data URIs, no URL of any kind (a nightly
+artifact is often opened offline or from a sandbox). The plots are passed in as PNG bytes
+(fuzz.report.plots renders them), so this module never imports matplotlib.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+from . import text  # the shared wording, read as text.NAME (shadowed only in _h, _code)
+from .model import Finding, PolicySummary, RunSummary
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:1100px;padding:0 1em;color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.3em}
+h2{font-size:1.3em;margin-top:1.8em;border-bottom:1px solid #eee;padding-bottom:.2em}
+h3{font-size:1.05em;margin-top:1.2em}
+code,pre{font-family:ui-monospace,'DejaVu Sans Mono',Menlo,Consolas,monospace;font-size:.92em}
+code{background:#f3f3f3;padding:.1em .3em;border-radius:3px;overflow-wrap:break-word}
+pre{background:#f6f8fa;padding:.8em;border-radius:4px;white-space:pre-wrap;
+overflow-wrap:anywhere}
+table{border-collapse:collapse;margin:.6em 0}
+th,td{border:1px solid #d0d0d0;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.num{text-align:right}
+dl.facts{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}
+dl.facts dt{font-weight:600} dl.facts dd{margin:0}
+.finding{border-left:4px solid #d62728;padding:.2em 1em;margin:1em 0;background:#fff8f8}
+.finding.known{border-left-color:#999;background:#fafafa}
+.alarm{color:#b00020;font-weight:700} .ok{color:#217a21}
+.overflow{font-weight:600}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.9em;color:#555}
+"""
+
+
+def _h(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _code(text: str) -> str:
+    return f"<code>{_h(text)}</code>"
+
+
+def render_html(s: RunSummary, plots: dict[str, bytes] | None = None) -> str:
+    """The whole page; `plots` maps policy name -> PNG bytes (embedded as data URIs)."""
+    plots = plots or {}
+    facts = "".join(f"<dt>{_h(k)}</dt><dd>{_code(v) if k in text.CODE_FACTS else _h(v)}</dd>"
+                    for k, v in text.header_facts(s))
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>gemma-fuzz report: {_h(s.model)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>gemma-fuzz report: {_code(s.model)}</h1>",
+        f'<dl class="facts">{facts}</dl>',
+        f"<p><strong>{_h(text.findings_total(s))}</strong></p>",
+        "<h2>How to reproduce</h2>",
+        f"<pre>{_h(text.run_command(s))}\n{_h(text.replay_command(s))}</pre>",
+        "<h2>Policies</h2>", _html_policy_table(s),
+        # Fixed sentences with no markup characters go in unescaped (_h would turn their
+        # apostrophes into &#x27;); the same holds for MISSES_TITLE and NO_FINITE_EXAMPLE.
+        f"<p>{text.HEADROOM_NOTE}</p>",
+    ]
+    for p in s.policies:
+        parts.append(_html_policy(s, p, plots.get(p.policy)))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _html_policy_table(s: RunSummary) -> str:
+    rows = []
+    for p in s.policies:
+        status = text.policy_status(p)
+        cls = "alarm" if p.findings and p.expected_safe else ("ok" if not p.findings else "")
+        rows.append(
+            f"<tr><td>{_code(p.policy)}</td><td>{_h(p.dtype)}</td>"
+            f"<td>{'yes' if p.expected_safe else 'no'}</td><td class=num>{p.examples}</td>"
+            f"<td class=num>{p.new_findings} / {p.known_findings}</td>"
+            f"<td class=num>{_h(text.best_headroom_text(p))}</td>"
+            f'<td class="{cls}">{_h(status)}</td></tr>')
+    return ("<table><tr><th>policy</th><th>dtype</th><th>declared safe</th><th>examples</th>"
+            "<th>findings (new / known)</th><th>best headroom</th><th>status</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
+    parts = [f'<h2 id="policy-{_h(p.policy)}">Policy {_code(p.policy)} '
+             f"({_h(p.dtype)}, {text.safety_text(p)})</h2>",
+             f"<p>{_h(text.policy_counts(p))}</p>"]
+    for i, (f, count) in enumerate(text.group_findings(p.findings), 1):
+        parts.append(_html_finding(s, p, f, count, i))
+    if p.nearest_misses:
+        rows = "".join(
+            f"<tr><td class=num>{_h(headroom)}</td><td>{_h(where)}</td>"
+            f"<td>{_code(prompt)}</td><td>{_h(bos)}</td></tr>"
+            for headroom, where, prompt, bos in text.miss_rows(p))
+        parts.append(f"<h3>{text.MISSES_TITLE}</h3>"
+                     "<table><tr><th>headroom</th><th>where</th><th>prompt</th><th>BOS</th></tr>"
+                     + rows + "</table>")
+    elif not p.findings:
+        parts.append(f"<p>{text.NO_FINITE_EXAMPLE}</p>")
+    plotted = p.plotted()
+    if png is not None and plotted is not None:
+        what = "first finding" if p.findings else "nearest miss"
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(
+            f'<figure><img alt="max |x| and headroom per layer, policy {_h(p.policy)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>Policy {_code(p.policy)}, {what}: '
+            f"{_code(text.prompt_literal(plotted.prompt))} "
+            f"({_h(text.bos_text(plotted.add_bos))}). "
+            "Top: max |x| per layer for each site group (log scale; non-finite values drawn at "
+            "the top edge). Bottom: headroom per layer, min over sites.</figcaption></figure>")
+    return "\n".join(parts)
+
+
+def _html_finding(s: RunSummary, p: PolicySummary, f: Finding, count: int, i: int) -> str:
+    items = []
+    for label, segments in text.finding_facts(s, p, f, count):
+        value = "".join(_code(part) if as_code else _h(part) for part, as_code in segments)
+        if label == "Overflow":  # the two terms that overflowed: what the reader looks for
+            value = f'<span class="overflow">{value}</span>'
+        items.append(f"<dt>{_h(label)}</dt><dd>{value}</dd>")
+    cls = "finding" if f.is_new else "finding known"
+    return (f'<div class="{cls}"><h3>{_h(text.finding_heading(f, i))}</h3>'
+            f'<dl class="facts">{"".join(items)}</dl></div>')

