@@ -101,6 +101,16 @@ class GemmaConfig:
             return self.rope_wave_length.get(attn_type, 10_000)
         return 10_000
 
+    def rope_scaling(self, attn_type: AttentionType) -> Optional[int]:
+        """The divisor of this attention type's RoPE frequencies, or None when they are unscaled.
+
+        Upstream's Gemma3ForMultimodalLM (gemma/gemma3_model.py, __init__) passes
+        `rope_scaling_factor` to precompute_freqs_cis for the global table only; its local table
+        and Gemma 1/2 (gemma/model.py's GemmaForCausalLM) are never scaled."""
+        if self.architecture == Architecture.GEMMA_3 and attn_type == AttentionType.GLOBAL:
+            return self.rope_scaling_factor
+        return None
+
     # --- JSON round trip with upstream field names -------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -5,7 +5,9 @@ Every multiply, add and cast happens in the dtype upstream uses (docs/NUMERICS.m
 - RMSNorm upcasts to float32, multiplies by (1 + w) in float32 and casts back;
 - the MLP, the q/k/v/o projections, q scaling, q @ k^T and attention soft-capping run in the model
   dtype; the float32 mask add promotes the scores to float32 for the softmax, cast back after;
-- RoPE runs in float32 complex and is cast back;
+- RoPE runs in float32 complex and is cast back; Gemma 3's global layers divide their frequencies
+  by `rope_scaling_factor` when it is set (upstream's Gemma3ForMultimodalLM, the path its 4b/12b/
+  27b take; its text GemmaForCausalLM ignores the factor, see fuzz.engine.upstream);
 - residual adds run in the model dtype; the LM head is tied to the embedding.
 
 Parameter names are upstream's (`embedder.weight`, `model.layers.N.self_attn.qkv_proj.weight`, ...)
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import Architecture, AttentionType, GemmaConfig
 from .interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Numerics, Recorder, prompt_batch
 
@@ -56,7 +59,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return kernels.linear(x, self.weight)
 
 
 class Embedding(nn.Module):
@@ -65,10 +68,18 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num, dim), requires_grad=False)
 
 
-def rope_frequencies(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Upstream's precompute_freqs_cis, evaluated at the positions needed ([B, T] -> complex)."""
+def rope_frequencies(head_dim: int, positions: torch.Tensor, theta: float,
+                     scaling_factor: Optional[int] = None) -> torch.Tensor:
+    """Upstream's precompute_freqs_cis, evaluated at the positions needed ([B, T] -> complex).
+
+    scaling_factor: GemmaConfig.rope_scaling, the divisor of the global layers' frequencies."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2]
                              .float() / head_dim))
+    if scaling_factor is not None:
+        # Upstream's own op and place (gemma/model.py precompute_freqs_cis): one float32 division
+        # of the base frequencies, before the product with the positions. Upstream's text model
+        # divides by its default 1, which is exact, so skipping the division for None is too.
+        freqs = freqs / scaling_factor
     angles = positions.unsqueeze(-1).float() * freqs  # same float32 product as torch.outer
     return torch.polar(torch.ones_like(angles), angles)  # [B, T, head_dim/2] complex64
 
@@ -149,14 +160,14 @@ class Attention(nn.Module):
             value = torch.repeat_interleave(value, rep, dim=2)
 
         q = xq.transpose(1, 2) * self.scaling  # model dtype, before q @ k^T (as upstream)
-        scores = torch.matmul(q, key.transpose(1, 2).transpose(2, 3))
+        scores = kernels.matmul(q, key.transpose(1, 2).transpose(2, 3))
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         if rec:
             rec.site(layer, "attn_scores", scores)
         scores = scores + mask  # float32 mask promotes the scores to float32
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
-        out = torch.matmul(probs, value.transpose(1, 2))
+        out = kernels.matmul(probs, value.transpose(1, 2))
         out = out.transpose(1, 2).contiguous().view(b, t, -1)
         return self.o_proj(out)
 
@@ -286,7 +297,8 @@ class GemmaForCausalLM(nn.Module):
             h = h.to(num.residual_dtype)
         # RoPE tables and masks depend only on the attention type: built once per forward.
         kinds = {layer.attn_type: layer.self_attn.window for layer in self.model.layers}
-        freqs = {t: rope_frequencies(cfg.head_dim, batch.positions, cfg.rope_theta(t))
+        freqs = {t: rope_frequencies(cfg.head_dim, batch.positions, cfg.rope_theta(t),
+                                     cfg.rope_scaling(t))
                  for t in kinds}
         masks = {t: attention_mask(batch, window) for t, window in kinds.items()}
         for layer, layer_cache in zip(self.model.layers, cache.layers):
@@ -302,7 +314,7 @@ class GemmaForCausalLM(nn.Module):
         # Measured on this CPU (benchmarks/bench_throughput.py): float16 matmuls whose right
         # operand is a contiguous [K, N] matrix fall to a kernel ~80x slower (11.3 s vs 0.14 s
         # for 16 rows of the LM head); F.linear keeps every weight in its [N, K] layout.
-        logits = F.linear(h, self.embedder.weight)
+        logits = kernels.linear(h, self.embedder.weight)
         if cfg.final_logit_softcapping is not None:
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

@@ -24,6 +24,11 @@ rec=None, last_only=True)` (also as a call), `new_cache(batch, max_len)`, `.dtyp
   otherwise output_positions=arange(T) makes the same sampler code return logits at every position.
 - Only plain precision policies can run here (a torch dtype, nothing else): upstream has no
   mitigations; the caller rejects mitigated policies.
+- RoPE scaling: upstream's text GemmaForCausalLM ignores `rope_scaling_factor`, but the model its
+  Gemma 3 4b/12b/27b run through (Gemma3ForMultimodalLM) divides the global layers' frequencies
+  by it. With a factor, the text model's `global_freqs_cis` is replaced by the very table the
+  multimodal model registers (`_scale_global_rope`), so the engine computes the model the config
+  describes, as the built-in one does.
 
 Probing (`rec`, fuzz.engine.model.Recorder) uses forward hooks on upstream's modules, registered
 for one forward only: fuzz.engine.upstream_hooks.
@@ -41,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import GemmaConfig
+from .config import AttentionType, GemmaConfig
 from .interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Recorder
 from .upstream_hooks import HookProbe
 
@@ -193,7 +198,8 @@ class UpstreamEngine:
         self._dtype = dtype
         with _TokenizerFile(tokenizer) as tokenizer_path:
             up_config = to_upstream_config(config, dtype, tokenizer_path, up_config_mod)
-            self.upstream_model = _build(up_model_mod, up_config, state, dtype, self._device)
+            self.upstream_model = _build(up_model_mod, up_config, state, dtype, self._device,
+                                         config)
         self.upstream_config = up_config
         # The last (max_len, masks) built: 2 * max_len**2 float32s, so only one is kept.
         self._masks: tuple[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -294,12 +300,13 @@ class _TokenizerFile:
 
 
 def _build(up_model_mod: Any, up_config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype,
-           device: torch.device) -> nn.Module:
+           device: torch.device, config: GemmaConfig) -> nn.Module:
     """Upstream's scripts/run.py: build under the default dtype, load, `.to(device).eval()`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         model = up_model_mod.GemmaForCausalLM(up_config)
+        _scale_global_rope(model, up_model_mod, config)
         # strict=False as upstream's load_weights, because upstream's RoPE tables are buffers
         # that no checkpoint holds; anything else missing would stay uninitialised torch.empty.
         result = model.load_state_dict(state, strict=False)
@@ -314,3 +321,22 @@ def _build(up_model_mod: Any, up_config: Any, state: dict[str, torch.Tensor], dt
     finally:
         torch.set_default_dtype(previous)
     return model
+
+
+def _scale_global_rope(model: nn.Module, up_model_mod: Any, config: GemmaConfig) -> None:
+    """Gives upstream's text model the global RoPE table of upstream's Gemma 3 multimodal model.
+
+    Why: upstream's text GemmaForCausalLM (gemma/model.py, __init__) registers `global_freqs_cis`
+    without the factor, while Gemma3ForMultimodalLM (gemma/gemma3_model.py, __init__ and
+    _register_freqs_cis), the model upstream runs Gemma 3 4b/12b/27b (factor 8) through, registers
+    `precompute_freqs_cis(head_dim, max_seq_len * 2, theta=<global theta>,
+    rope_scaling_factor=config.rope_scaling_factor)`. That table is computed here by upstream's own
+    function, in the same build context (it is float32/complex64 whatever the default dtype), so
+    the engine runs what upstream runs for such a config; the local table stays as it is."""
+    factor = config.rope_scaling(AttentionType.GLOBAL)
+    if factor is None:
+        return
+    table = up_model_mod.precompute_freqs_cis(
+        config.head_dim, config.max_position_embeddings * 2,
+        theta=config.rope_theta(AttentionType.GLOBAL), rope_scaling_factor=factor)
+    model.register_buffer("global_freqs_cis", table)  # replaces the unscaled buffer in place
