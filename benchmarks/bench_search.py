@@ -59,6 +59,7 @@ from fuzz.engine.planted import (
 )
 from fuzz.generate import Bounds, PromptSpec
 from fuzz.report import PolicySummary
+from fuzz.robustness import finalize
 from fuzz.run import UNSAFE_ROUND_FACTOR
 from fuzz.search import BudgetExhausted, NewSignature, Search, mutate_nearest
 from fuzz.session import Session
@@ -246,8 +247,8 @@ def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: 
                          time.perf_counter() - tracker.started,
                          time.perf_counter() - tracker.started, rounds)
     err = found[0]
-    saved, _ = session.finalize(err.spec, POLICY, err.screened.signature,
-                                err.screened.verdict.first_nonfinite.step)
+    saved = finalize(session, err.spec, POLICY, err.screened.signature,
+                     err.screened.verdict.first_nonfinite.step).spec
     prompts_n, batches, seconds, first_text = tracker.first
     return RunResult(searcher, run, seed, True, prompts_n, batches, seconds,
                      time.perf_counter() - tracker.started, rounds, tracker.batches - batches,

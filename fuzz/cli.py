@@ -1,4 +1,11 @@
-"""`python -m fuzz …` (also `gemma-fuzz`): check, add, replay, run. Contracts: docs/DESIGN.md."""
+"""`python -m fuzz …` (also `gemma-fuzz`): check, add, replay, run. Contracts: docs/DESIGN.md.
+
+Exit codes: check 0 finite, 1 non-finite, 3 inconclusive (the time limit stopped the run);
+add 0 saved (or already covered), 1 refused (finite, inconclusive, or marginal); replay 1 on a
+regression or a case that no longer reproduces; run 1 when a policy declared safe went
+non-finite (or, with --fail-on-new, when a new case was saved), 130 when interrupted; every
+command 2 on bad input or another error, with a message that names it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +14,21 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .corpus import Corpus
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds, PromptSpec
 from .precision import POLICIES
 from .session import ModelOptions, Session
-from .verdict import Verdict, json_safe
+from .verdict import json_safe
 
 DEFAULT_CORPUS = "corpus"
+DEFAULT_MODEL = "gemma3-270m"
+EXIT = {"finite": 0, "nonfinite": 1, "error": 2, "inconclusive": 3}
+
+
+class InputError(ValueError):
+    """Bad command-line input: the message names it and the fix (exit 2)."""
 
 
 def parse_duration(text: str) -> float:
@@ -31,10 +44,10 @@ def parse_duration(text: str) -> float:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="gemma3-270m",
-                   help="zoo name (gemma3-270m, tiny, ...), a .gguf file, or a gemma_pytorch "
-                        "checkpoint (.ckpt/.pt or directory) with --variant/--config and "
-                        "--tokenizer")
+    g.add_argument("--model", default=None,
+                   help=f"zoo name ({DEFAULT_MODEL} by default, tiny, tiny-digit-run-N, ...), a "
+                        ".gguf file, or a gemma_pytorch checkpoint (.ckpt/.pt or directory) with "
+                        "--variant/--config and --tokenizer")
     g.add_argument("--variant", help="upstream variant of a checkpoint (2b, 7b, 2b-v2, 9b, 27b, "
                                      "1b, 4b, 12b, 27b_v3, 270m)")
     g.add_argument("--config", help="GemmaConfig JSON (upstream field names) of a checkpoint")
@@ -50,110 +63,134 @@ def _bounds_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bos", action="store_true", help="feed the prompt without BOS")
 
 
-def _options(args: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(args.model, args.variant, args.config, args.tokenizer, args.engine,
-                        args.device)
+def _prompt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--prompt", help="the prompt; '-' reads it from standard input")
+    g.add_argument("--prompt-file", help="read the prompt from this file (UTF-8, taken exactly: "
+                                         "a trailing newline is part of the prompt; NUL bytes "
+                                         "are fine)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
+
+
+def _margin_arg(p: argparse.ArgumentParser) -> None:
+    from .robustness import MIN_MARGIN
+
+    p.add_argument("--min-margin", type=float, default=MIN_MARGIN,
+                   help=f"the least unrounded-sum / limit ratio a finding needs to become a "
+                        f"regression case (default {MIN_MARGIN}: derived in docs/NUMERICS.md)")
+
+
+def _options(args: argparse.Namespace, model: Optional[str] = None) -> ModelOptions:
+    return ModelOptions(model or args.model or DEFAULT_MODEL, args.variant, args.config,
+                        args.tokenizer, args.engine, args.device)
 
 
 def _bounds(args: argparse.Namespace) -> Bounds:
     return Bounds(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt of --prompt TEXT, --prompt - (standard input) or --prompt-file FILE, exactly."""
+    if args.prompt_file is not None:
+        try:
+            data = Path(args.prompt_file).read_bytes()
+        except OSError as err:
+            raise InputError(f"--prompt-file {args.prompt_file}: cannot be read "
+                             f"({err.strerror}); give the path of a UTF-8 text file") from None
+        return _decode(data, f"--prompt-file {args.prompt_file}")
+    if args.prompt == "-":
+        return _decode(sys.stdin.buffer.read(), "--prompt - (standard input)")
+    return args.prompt
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where}: not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                         f"{err.start}); save the prompt as UTF-8") from None
+
+
 # --- check -------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
+    from .margin import measure
+    from .precision import get_policy
+    from .report.table import format_verdict
+
     session = Session.open(_options(args), _bounds(args))
-    spec = PromptSpec(args.prompt, add_bos=not args.no_bos, chat=args.chat)
+    spec = PromptSpec(read_prompt(args), add_bos=not args.no_bos, chat=args.chat)
     verdict = session.check(spec, args.policy)
+    margin = None
+    if verdict.nonfinite:  # the float32 magnitude of the failing site: one float32 forward
+        f32 = session.model.engine(get_policy("float32"), session.device, "builtin")
+        margin = measure(verdict, f32)
     if args.json:
-        doc = {"model": session.model.name, **verdict.to_dict()}
+        doc = {"model": session.model.name, "status": verdict.status, **verdict.to_dict(),
+               "margin": margin.to_dict() if margin else None}
         print(json.dumps(json_safe(doc), ensure_ascii=False, allow_nan=False))
     else:
-        print(format_verdict(verdict))
+        print(format_verdict(verdict, margin))
     if args.plot:
         from .report import plot_verdict
 
         plot_verdict(verdict, args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
-
-
-SITE_GROUPS = {
-    "residual": ("embedding", "residual_attn", "residual_mlp"),
-    "post-norm": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "mlp": ("mlp_act", "mlp_output"),
-    "attention": ("qkv", "attn_scores", "attn_output"),
-    "head": ("final_norm", "logits"),
-}
-
-
-def format_verdict(v: Verdict) -> str:
-    """A per-layer table of max |x| and headroom, the first non-finite site highlighted."""
-    first = v.first_nonfinite
-    lines = [f"policy {v.policy}  BOS {'on' if v.add_bos else 'off'}  prompt {v.prompt!r}",
-             f"prompt ids ({len(v.prompt_ids)}): {v.prompt_ids[:24]}"
-             f"{' …' if len(v.prompt_ids) > 24 else ''}"]
-    header = f"{'layer':>9} " + " ".join(f"{g:>10}" for g in SITE_GROUPS) + f" {'headroom':>9}"
-    lines += ["", header, "-" * len(header)]
-    headroom = v.headroom()
-    for layer, sites in v.max_abs.items():
-        cells = []
-        for names in SITE_GROUPS.values():
-            values = [sites[n] for n in names if n in sites]
-            cells.append(f"{_fmt(max(values, key=_order)) if values else '':>10}")
-        room = min(headroom[layer].values(), default=float("inf"))
-        mark = ""
-        if first is not None and layer == _label(first.layer, v):
-            mark = f"  <-- first non-finite: {first.site}"
-        lines.append(f"{layer:>9} " + " ".join(cells) + f" {_fmt(room):>9}{mark}")
-    lines.append("")
-    if first is None:
-        lines.append(f"FINITE: {v.steps} steps, stopped at {v.stopped}; "
-                     f"min headroom {v.min_headroom():.3g} (content {v.min_headroom(True):.3g})")
-    else:
-        lines.append(f"NON-FINITE ({first.kind}) at step {first.step}, layer {first.layer}, site "
-                     f"{first.site}, position {first.position} (token {first.token_id})")
-        if first.channel is not None:
-            a, b = first.terms
-            lines.append(f"  channel {first.channel}: {a:.6g} + {b:.6g} = {a + b:.6g} "
-                         f"> {v.limits.get(f'{_label(first.layer, v)}/{first.site}', 65504):.6g}")
-    lines.append(f"generated {len(v.tokens)} tokens: {v.text!r}")
-    return "\n".join(lines)
-
-
-def _order(x: float) -> float:
-    return float("inf") if x != x else x  # nan sorts as the largest
-
-
-def _fmt(x: float) -> str:
-    return "nan" if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
-
-
-def _label(layer: int, v: Verdict) -> str:
-    labels = list(v.max_abs)
-    if layer < 0:
-        return "embedding"
-    return str(layer) if str(layer) in labels else "head"
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return EXIT[verdict.status]
 
 
 # --- add ---------------------------------------------------------------------------------------
 def cmd_add(args: argparse.Namespace) -> int:
-    session = Session.open(_options(args), _bounds(args))
-    spec = PromptSpec(args.prompt, add_bos=not args.no_bos, chat=args.chat)
-    verdict = session.check(spec, args.policy)
-    if verdict.finite:
-        print(f"refused: the prompt stays finite under {args.policy} on {session.model.name} "
-              f"({verdict.steps} steps, min headroom {verdict.min_headroom():.3g}); nothing saved. "
-              "Only prompts that produce NaN/Inf become corpus cases.", file=sys.stderr)
+    from .robustness import assess
+
+    if args.from_case:
+        old = read_old_case(Path(args.from_case))
+        policy, model, add_bos, chat = old["policy"], args.model or old["model"], \
+            old["add_bos"], old["chat"]
+        text = old["prompt"]
+    else:
+        if args.policy is None:
+            raise InputError("add needs --policy P (or --from-case FILE)")
+        if args.prompt is None and args.prompt_file is None:
+            raise InputError("add needs --prompt TEXT, --prompt -, --prompt-file FILE or "
+                             "--from-case FILE")
+        policy, model, add_bos, chat = args.policy, None, not args.no_bos, args.chat
+        text = read_prompt(args)
+    session = Session.open(_options(args, model), _bounds(args))
+    session.min_margin = args.min_margin
+    assessment = assess(session, PromptSpec(text, add_bos=add_bos, chat=chat), policy)
+    verdict = assessment.verdict
+    if not verdict.nonfinite:
+        print(f"refused: the prompt is {verdict.status} under {policy} on {session.model.name} "
+              f"({verdict.steps} steps, min headroom {verdict.min_headroom():.3g}); nothing "
+              "saved. Only prompts that produce NaN/Inf become corpus cases.", file=sys.stderr)
         return 1
-    case = session.case(verdict, chat=spec.chat, strategy="manual")
+    if not assessment.robust and not args.allow_marginal:
+        print(f"refused: the failure is marginal ({assessment.robustness.reason}): it would not "
+              "reproduce on every machine, so it is no regression case; nothing saved. "
+              "--allow-marginal saves it anyway, flagged.", file=sys.stderr)
+        return 1
+    case = assessment.case(session, strategy="manual")
     result = Corpus(Path(args.corpus)).save(case, force=args.force)
     first = verdict.first_nonfinite
-    print(f"{result.status}: {result.path}  ({args.policy}: {first.kind} at step {first.step}, "
-          f"layer {first.layer}, {first.site}, position {first.position})")
+    print(f"{result.status}: {result.path}  ({policy}: {first.kind} at step {first.step}, "
+          f"layer {first.layer}, {first.site}, position {first.position}; "
+          f"{assessment.margin.describe() if assessment.margin else 'no margin'})")
     if result.status == "known-signature":
         print("  this signature is already covered by: "
               + ", ".join(str(p) for p in result.existing) + " (use --force to add it anyway)")
     return 0
+
+
+def read_old_case(path: Path) -> dict[str, Any]:
+    """What `add --from-case` needs of a case file of any schema (1 included)."""
+    try:
+        doc = json.loads(_decode(path.read_bytes(), str(path)))
+    except ValueError as err:
+        raise InputError(f"{path}: not a JSON case file ({err})") from None
+    missing = [k for k in ("prompt", "policy", "add_bos", "model") if k not in doc]
+    if not isinstance(doc, dict) or missing:
+        raise InputError(f"{path}: not a corpus case (lacks {', '.join(missing) or 'an object'})")
+    return {**doc, "chat": bool(doc.get("chat", False))}
 
 
 # --- replay ------------------------------------------------------------------------------------
@@ -161,18 +198,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay_corpus
 
     rows = replay_corpus(Corpus(Path(args.corpus)), model_filter=args.model,
-                         device=args.device, engine=args.engine)
-    print(f"{'case':<54} {'policy':<22} {'expected':<12} {'got':<44} ok")
-    failures = 0
+                         device=args.device, engine=args.engine, strict_site=args.strict_site)
+    print(f"{'case':<54} {'policy':<22} {'expected':<12} {'got':<60} ok")
     for row in rows:
-        failures += not row.ok
-        print(f"{row.label:<54.54} {row.policy:<22} {row.expected:<12} {row.got:<44.44} "
+        print(f"{row.label:<54.54} {row.policy:<22} {row.expected:<12} {row.got:<60.60} "
               f"{'yes' if row.ok else 'NO'}")
-    stale = sum(1 for r in rows if r.expected == "reproduce" and not r.ok)
-    regressions = failures - stale
+    regressions = sum(r.regression for r in rows)
+    stale = sum(r.stale for r in rows)
+    moved = sum(r.moved for r in rows)
     print(f"\n{len(rows)} checks: {regressions} regressions (a safe policy went non-finite), "
-          f"{stale} cases no longer reproduce")
-    return 1 if regressions or (args.strict and stale) else 0
+          f"{stale} cases no longer reproduce, {moved} first sites moved"
+          + (" (a failure: --strict-site)" if args.strict_site and moved else ""))
+    return 1 if regressions or stale else 0
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -184,15 +221,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="run one prompt under one policy and locate NaN/Inf")
     _model_args(p)
     _bounds_args(p)
     p.add_argument("--policy", required=True, help=f"one of: {', '.join(POLICIES)}")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
+    _prompt_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="also write a per-layer max |x| plot (PNG) here")
     p.set_defaults(func=cmd_check)
@@ -200,11 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add", help="add a crashing prompt to the corpus by hand")
     _model_args(p)
     _bounds_args(p)
-    p.add_argument("--policy", required=True, help=f"one of: {', '.join(POLICIES)}")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true")
+    p.add_argument("--policy", help=f"one of: {', '.join(POLICIES)}")
+    _prompt_args(p, required=False)
+    p.add_argument("--from-case", help="re-measure the prompt, policy and BOS mode of this case "
+                                       "file (any schema: how older cases are upgraded)")
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--force", action="store_true", help="save even if the signature is known")
+    p.add_argument("--allow-marginal", action="store_true",
+                   help="save a failure that does not hold under every kernel variation")
+    _margin_arg(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("replay", help="replay every corpus case and print a table")
@@ -212,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="only cases of this model")
     p.add_argument("--engine", default="builtin", choices=("builtin", "upstream"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--strict", action="store_true",
-                   help="also fail when a recorded case no longer reproduces")
+    p.add_argument("--strict-site", action="store_true",
+                   help="also fail when a case still fails but its first site moved")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("run", help="the fuzz job: search until the budget ends")
@@ -230,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hypothesis example database directory (share it between runs/machines)")
     p.add_argument("--round-examples", type=int, default=40,
                    help="examples per Hypothesis round before switching policy/BOS mode")
+    p.add_argument("--fail-on-new", action="store_true",
+                   help="exit 1 when a new case was saved (findings are otherwise results)")
+    _margin_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
     return parser
@@ -239,6 +283,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:  # OSError: a missing file, a full disk
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT["error"]

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from .engine.interface import RESIDUAL_SITES, Batch, Recorder
-from .probe import CaptureResidual, Probe, RowState, SiteTable, StepView, update_row
+from .probe import (
+    CaptureResidual,
+    Probe,
+    RowState,
+    SiteLayout,
+    SiteTable,
+    StepView,
+    update_row,
+)
 from .verdict import Verdict
 
 DEFAULT_MAX_NEW_TOKENS = 16  # gemma_pytorch#10 went NaN after ~13 decode steps
@@ -94,8 +102,26 @@ class PromptTooLong(ValueError):
     message)."""
 
 
+class UnencodablePrompt(ValueError):
+    """The prompt holds a character UTF-8 cannot encode (a lone surrogate), which SentencePiece
+    cannot take either."""
+
+
+def check_encodable(text: str) -> None:
+    """A lone surrogate ("x\udcff": what Python makes of an invalid byte in a command line)
+    reaches SentencePiece's C++ as a pybind cast error that names nothing; say what and where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UnencodablePrompt(
+            f"the prompt {text[:60]!r} holds {text[err.start]!r} at index {err.start}, a lone "
+            "surrogate that UTF-8 cannot encode (an invalid byte in the command line?); pass "
+            "the prompt as UTF-8 text, e.g. with --prompt-file FILE") from None
+
+
 def encode_prompt(tokenizer: TokenizerLike, spec: PromptSpec, bounds: Bounds) -> list[int]:
     """Token ids as fed to the model; refuses what cannot or must not run."""
+    check_encodable(spec.text)
     text = tokenizer.chat_prompt(spec.text) if spec.chat else spec.text
     ids = tokenizer.encode(text, bos=spec.add_bos)
     if len(ids) > bounds.max_prompt_tokens:
@@ -188,7 +214,7 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
         stats_np = packet[: stats.numel()].reshape(stats.shape)
         next_np = packet[stats.numel():].astype(np.int64)
         still = _advance(rows, live, step, stats_np, pos_host[:, start:end], feed_host,
-                         next_np, probe.keys, stops, bounds, time.monotonic() > deadline)
+                         next_np, probe.layout, stops, bounds, time.monotonic() > deadline)
         step += 1
         if not still:
             break
@@ -210,13 +236,13 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
 
 
 def _advance(rows: list[_Row], live: list[int], step: int, stats: np.ndarray, pos: np.ndarray,
-             feed: np.ndarray, next_ids: np.ndarray, keys: list, stops: set[int],
+             feed: np.ndarray, next_ids: np.ndarray, layout: SiteLayout, stops: set[int],
              bounds: Bounds, timed_out: bool) -> list[int]:
     """Folds one step into each live row; returns the rows that go on."""
     still = []
     for b, i in enumerate(live):
         row = rows[i]
-        update_row(row.state, step, StepView(stats[:, b], pos[b], feed[b]), keys)
+        update_row(row.state, step, StepView(stats[:, b], pos[b], feed[b]), layout)
         row.steps = step + 1
         if row.state.first is not None:
             row.stopped = "nonfinite"
@@ -238,7 +264,7 @@ def _verdict(row: _Row, policy: str, table: SiteTable, tokenizer: TokenizerLike)
     first = row.state.first
     return Verdict(
         prompt=row.spec.text, prompt_ids=list(row.ids), add_bos=row.spec.add_bos, policy=policy,
-        finite=first is None, first_nonfinite=first,
+        finite=first is None and row.stopped != "timeout", first_nonfinite=first,
         max_abs=table.table(row.state.max_abs),
         content_max_abs=table.table(row.state.content_max_abs),
         limits=table.limit_table(), tokens=list(row.tokens),

@@ -7,6 +7,7 @@ hit is confirmed alone (the canonical verdict, fuzz.session.Session.screen).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional
 
 from .corpus import Signature
@@ -22,11 +23,17 @@ def deletion_candidates(text: str, chunk: int) -> list[str]:
     return [text[:i] + text[i + chunk:] for i in range(0, len(text), chunk)]
 
 
+# What else a smaller prompt must keep besides the signature, judged on its canonical (alone)
+# verdict: fuzz.robustness keeps the margin and every kernel variation, so that minimizing cannot
+# walk a case to the edge of the limit.
+Keeps = Callable[[PromptSpec, Verdict], bool]
+
+
 def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
-                  bounds: Optional[Bounds] = None, max_evals: int = 96
-                  ) -> tuple[PromptSpec, Optional[Verdict]]:
+                  bounds: Optional[Bounds] = None, max_evals: int = 96,
+                  keeps: Optional[Keeps] = None) -> tuple[PromptSpec, Optional[Verdict]]:
     """Deletes character runs (halving their length down to one character) while the failure
-    keeps its exact signature, within `max_evals` prompts run.
+    keeps its exact signature (and whatever `keeps` asks), within `max_evals` prompts run.
 
     Returns the smallest prompt found (1-minimal when the budget allows) and its verdict
     (None when nothing could be deleted)."""
@@ -39,7 +46,7 @@ def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signatur
         hit = None
         for i in range(0, len(candidates), session.batch_size):
             batch = candidates[i: i + session.batch_size]
-            hit, runs = _first_with_signature(session, batch, policy, sig, bounds)
+            hit, runs = _first_with_signature(session, batch, policy, sig, bounds, keeps)
             evals += runs
             if hit is not None or evals >= max_evals:
                 break
@@ -52,17 +59,19 @@ def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signatur
 
 
 def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
-                          sig: Signature, bounds: Optional[Bounds]
+                          sig: Signature, bounds: Optional[Bounds], keeps: Optional[Keeps]
                           ) -> tuple[Optional[tuple[PromptSpec, Verdict]], int]:
-    """The first candidate that keeps the signature (confirmed alone), and prompts run."""
+    """The first candidate that keeps the signature (confirmed alone) and passes `keeps`, and
+    the prompts run (not counting what `keeps` runs)."""
     runs = len(specs)
     if not specs:
         return None, runs
     for spec, verdict in zip(specs, session.run(specs, policy, bounds)):
-        if verdict.finite or session.signature(verdict, spec.chat) != sig:
+        if not verdict.nonfinite or session.signature(verdict, spec.chat) != sig:
             continue
         runs += 1
         alone = session.run([spec], policy, bounds)[0]  # the canonical verdict (see screen)
-        if not alone.finite and session.signature(alone, spec.chat) == sig:
+        if alone.nonfinite and session.signature(alone, spec.chat) == sig and \
+                (keeps is None or keeps(spec, alone)):
             return (spec, alone), runs
     return None, runs

@@ -7,6 +7,12 @@ next tokens: one sync per step (see fuzz.generate). Attribution then runs on the
 
 A NaN anywhere in a row makes that row's max NaN (torch.amax propagates NaN), an inf makes it
 inf: so the tiny table is enough to find the first non-finite site, position and kind.
+
+Margin: at each residual add the probe also keeps max |residual + branch| computed in float32 —
+what the sum would have been without the dtype's limit. When the first non-finite value is such
+an add (on Gemma it nearly always is, docs/NUMERICS.md), that value over the limit says how far
+past it the run went: 68384 / 65504 = 1.044 for Gemma 3 270M's BOS sink, 1.005 for a case that
+flipped on another CPU. It costs one float32 add per residual site, no extra run.
 """
 from __future__ import annotations
 
@@ -26,10 +32,14 @@ class Probe:
     def __init__(self) -> None:
         self.keys: list[tuple[int, str]] = []  # (layer, site) in execution order
         self.limits: list[float] = []  # finfo(dtype).max of each site's tensor
+        # For each residual site (index into keys), the row of its unrounded sum in end_step's
+        # table: len(keys) + k for the k-th residual site.
+        self.sum_rows: dict[int, int] = {}
         self._stats: list[torch.Tensor] = []
+        self._sums: list[torch.Tensor] = []
 
     def begin_step(self) -> None:
-        self._stats = []
+        self._stats, self._sums = [], []
 
     def site(self, layer: int, name: str, x: torch.Tensor) -> None:
         if x.dim() == 4:  # attention scores [B, heads, T, S] -> max over heads and keys
@@ -45,16 +55,35 @@ class Probe:
     def residual(self, layer: int, name: str, residual: torch.Tensor, branch: torch.Tensor,
                  out: torch.Tensor) -> None:
         self.site(layer, name, out)
+        site_index = len(self._stats) - 1
+        if site_index not in self.sum_rows:
+            self.sum_rows[site_index] = len(self.sum_rows)  # offset by len(keys) in end_step
+        self._sums.append((residual.float() + branch.float()).abs().amax(dim=-1))
 
     def end_step(self) -> torch.Tensor:
-        """Stacks this step's sites into [S, B, T] (still on the device).
+        """Stacks this step's sites, then the residual sums, into [S + R, B, T] (still on the
+        device).
 
         The final norm and logits exist only for the last position (last_only): they are
         left-padded with zeros so that their one column lines up with the last position."""
         width = max(s.shape[-1] for s in self._stats)
         rows = [F.pad(s, (width - s.shape[-1], 0)) if s.shape[-1] < width else s
-                for s in self._stats]
+                for s in self._stats + self._sums]
         return torch.stack(rows)
+
+    @property
+    def layout(self) -> SiteLayout:
+        offset = len(self.keys)
+        return SiteLayout(self.keys, {s: offset + r for s, r in self.sum_rows.items()})
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """What the rows of a step's table are: the sites in execution order, then the unrounded
+    residual sums (`sum_row[site index]` is the row of that site's sum)."""
+
+    keys: list[tuple[int, str]]
+    sum_row: dict[int, int]
 
 
 @dataclass
@@ -80,15 +109,16 @@ def nan_max(a: np.ndarray, axis: int) -> np.ndarray:
 class StepView:
     """One step's table for one row, with each column's sequence position and input token."""
 
-    stats: np.ndarray  # [S, T] float32
+    stats: np.ndarray  # [S + R, T] float32 (SiteLayout: the sites, then the residual sums)
     positions: np.ndarray  # [T] position in the row's token sequence, -1 for padding
     token_ids: np.ndarray  # [T]
 
 
-def update_row(row: RowState, step: int, view: StepView, keys: list[tuple[int, str]]) -> None:
+def update_row(row: RowState, step: int, view: StepView, layout: SiteLayout) -> None:
     """Folds one step into the row's maxima and records its first non-finite value, if any."""
     real = view.positions >= 0
-    stats = view.stats[:, real]
+    table = view.stats[:, real]
+    stats = table[: len(layout.keys)]
     positions, tokens = view.positions[real], view.token_ids[real]
     step_max = nan_max(stats, axis=1)
     content = stats[:, positions != 0] if row.add_bos else stats
@@ -97,22 +127,27 @@ def update_row(row: RowState, step: int, view: StepView, keys: list[tuple[int, s
     row.content_max_abs = (step_content if row.content_max_abs is None
                            else np.maximum(row.content_max_abs, step_content))
     if row.first is None:
-        row.first = first_nonfinite(stats, positions, tokens, step, keys)
+        row.first = first_nonfinite(table, positions, tokens, step, layout)
 
 
-def first_nonfinite(stats: np.ndarray, positions: np.ndarray, tokens: np.ndarray, step: int,
-                    keys: list[tuple[int, str]]) -> Optional[NonFinite]:
-    """The first site (execution order) with a non-finite value; within it, the lowest position."""
-    bad = ~np.isfinite(stats)  # [S, T]
+def first_nonfinite(table: np.ndarray, positions: np.ndarray, tokens: np.ndarray, step: int,
+                    layout: SiteLayout) -> Optional[NonFinite]:
+    """The first site (execution order) with a non-finite value; within it, the lowest position;
+    with the unrounded sum there when the site is a residual add."""
+    bad = ~np.isfinite(table[: len(layout.keys)])  # [S, T]
     hit_sites = np.flatnonzero(bad.any(axis=1))
     if hit_sites.size == 0:
         return None
     s = int(hit_sites[0])
     t = int(np.flatnonzero(bad[s])[0])
-    layer, site = keys[s]
-    kind = "nan" if np.isnan(stats[s, t]) else "inf"
+    layer, site = layout.keys[s]
+    kind = "nan" if np.isnan(table[s, t]) else "inf"
+    row = layout.sum_row.get(s)
+    unrounded = float(table[row, t]) if row is not None else None
+    if unrounded is not None and not np.isfinite(unrounded):
+        unrounded = None  # a term was already non-finite: no magnitude to measure
     return NonFinite(step=step, layer=layer, site=site, position=int(positions[t]),
-                     token_id=int(tokens[t]), kind=kind)
+                     token_id=int(tokens[t]), kind=kind, unrounded=unrounded)
 
 
 @dataclass

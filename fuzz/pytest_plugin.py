@@ -32,6 +32,7 @@ OPT_MAX_NEW_TOKENS = "--gemma-max-new-tokens"
 OPT_DEVICE = "--gemma-device"
 OPT_CORPUS = "--corpus-dir"
 OPT_NO_SAVE = "--gemma-no-save"
+OPT_STRICT_SITE = "--gemma-strict-site"
 
 DEFAULT_MODEL = "gemma3-270m"
 DEFAULT_POLICIES = "all"
@@ -66,6 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption(OPT_DEVICE, default="auto", help="auto, cpu, cuda, cuda:N")
     g.addoption(OPT_CORPUS, default=None, help="corpus directory (default: <rootdir>/corpus)")
     g.addoption(OPT_NO_SAVE, action="store_true", help="do not save shrunk failures to corpus")
+    g.addoption(OPT_STRICT_SITE, action="store_true",
+                help="corpus replay: fail when a case still fails but its first site moved")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -169,6 +172,7 @@ class FuzzHarness:
         from hypothesis import reject
 
         from .generate import EmptyPrompt, PromptSpec, PromptTooLong
+        from .robustness import passes_margin
         from .search import error_for
 
         spec = PromptSpec(text, add_bos=add_bos)
@@ -177,7 +181,9 @@ class FuzzHarness:
             screened = self.session.screen([spec], policy, set() if safe else self.known)[0]
         except (PromptTooLong, EmptyPrompt):
             reject()  # over the token bound, or no token at all: not a prompt this run can feed
-        if screened.new:
+        # Under an unsafe policy a failure below the margin a case needs is marginal: it would
+        # not reproduce on every machine, so it is not a new bug to shrink (fuzz.robustness).
+        if screened.new and (safe or passes_margin(screened.verdict, self.session.min_margin)):
             raise error_for(screened.signature)(screened, spec)
 
 
@@ -203,16 +209,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     errors = list(_new_signatures(call.excinfo.value, NewSignature))
     if not errors:
         return
+    from .robustness import finalize
+
     harness = _harness(item.config)
     lines = []
     for err in errors:
         found = err.screened.verdict
-        spec, verdict = harness.session.finalize(err.spec, found.policy, err.screened.signature,
-                                                 found.first_nonfinite.step)
-        case = harness.session.case(verdict, chat=spec.chat, strategy=f"pytest:{item.nodeid}")
+        assessment = finalize(harness.session, err.spec, found.policy, err.screened.signature,
+                              found.first_nonfinite.step)
+        prompt = (f"prompt={assessment.spec.text!r} "
+                  f"(Hypothesis's minimal example: {err.spec.text!r})")
+        if not assessment.robust:  # would not hold on every machine: a regression case must
+            lines.append(f"marginal, not saved ({assessment.robustness.reason}): {prompt}")
+            continue
+        case = assessment.case(harness.session, strategy=f"pytest:{item.nodeid}")
         result = harness.corpus.save(case)
-        lines.append(f"{result.status}: {result.path}  prompt={spec.text!r} "
-                     f"(Hypothesis's minimal example: {err.spec.text!r})")
+        lines.append(f"{result.status}: {result.path}  {prompt}")
     outcome.get_result().sections.append(("gemma-fuzz corpus", "\n".join(lines)))
 
 

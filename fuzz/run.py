@@ -30,12 +30,14 @@ from .corpus import Corpus, Signature
 from .generate import Bounds
 from .precision import PrecisionPolicy, parse_policies
 from .report import PolicySummary, RunSummary
+from .robustness import assess, finalize
 from .search import BudgetExhausted, NewSignature, Search, mutate_nearest
 from .session import ModelOptions, Session
 from .strategies import prompts
 
 UNSAFE_ROUND_FACTOR = 3
 MUTATION_BATCHES = 4  # mutation batches after each unsafe round (each: 4 near misses x 4 edits)
+MARGINAL_TRIES = 2  # marginal findings of one signature before this run stops chasing it
 
 
 @dataclass
@@ -50,8 +52,10 @@ class FuzzJob:
     round_examples: int
     report: Optional[str]
     quiet: bool = False
+    fail_on_new: bool = False
     summaries: dict[str, PolicySummary] = field(default_factory=dict)  # per policy, in order
     known: set[Signature] = field(default_factory=set)
+    marginal_tries: dict[Signature, int] = field(default_factory=dict)
     started: float = 0.0
     started_at: str = ""
     stopped: str = "budget"
@@ -62,13 +66,14 @@ class FuzzJob:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         session = Session.open(options, bounds, args.batch_size)
+        session.min_margin = args.min_margin
         policies = parse_policies(args.policies)
         # Unsafe policies first: that is where overflows are expected.
         policies.sort(key=lambda p: p.expected_safe)
         return cls(session, policies, [False] if args.no_bos else [True, False], args.budget,
                    Corpus(Path(args.corpus)), Path(args.database) if args.database else None,
                    args.seed if args.seed is not None else int(time.time()) % 2**31,
-                   args.round_examples, args.report, args.quiet)
+                   args.round_examples, args.report, args.quiet, args.fail_on_new)
 
     def __post_init__(self) -> None:
         self.summaries = {p.name: PolicySummary.for_policy(p.name, self.bos_modes)
@@ -101,7 +106,24 @@ class FuzzJob:
         if self.report:
             for path in self._write_report():
                 print(f"report: {path}")
-        return 130 if self.stopped == "interrupted" else 0
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        """130 interrupted; 1 when a policy declared safe went non-finite (a regression), or
+        with --fail-on-new when a new case was saved; else 0 (findings under unsafe policies are
+        results, not errors)."""
+        if self.stopped == "interrupted":
+            return 130
+        broken = [s.policy for s in self.summaries.values() if s.expected_safe and s.nonfinite]
+        if broken:
+            print(f"FAILED: policies declared safe went non-finite: {', '.join(broken)}",
+                  file=sys.stderr)
+            return 1
+        new = sum(s.new_findings for s in self.summaries.values())
+        if self.fail_on_new and new:
+            print(f"FAILED (--fail-on-new): {new} new case(s) saved", file=sys.stderr)
+            return 1
+        return 0
 
     def _search(self, bar) -> None:
         combos = [(p, bos) for p in self.policies for bos in self.bos_modes]
@@ -147,22 +169,37 @@ class FuzzJob:
                 break
 
     def _save(self, err: NewSignature, how: str) -> None:
+        """Minimizes (unless interrupted), measures and saves a finding when it is a regression
+        case every machine will reproduce; a marginal one is reported, not saved."""
         found = err.screened.verdict
-        if how == "interrupted":
-            spec, verdict = err.spec, found
+        if how == "interrupted":  # no time to minimize, but a case must still hold everywhere
+            assessment = assess(self.session, err.spec, found.policy)
         else:
-            spec, verdict = self.session.finalize(err.spec, found.policy, err.screened.signature,
-                                                  found.first_nonfinite.step)
-        if verdict.finite:  # cannot happen with a deterministic engine; say so if it does
+            assessment = finalize(self.session, err.spec, found.policy, err.screened.signature,
+                                  found.first_nonfinite.step)
+        verdict, spec = assessment.verdict, assessment.spec
+        if not verdict.nonfinite:  # a deterministic engine fails again; say so if it does not
             print(f"warning: {spec.text!r} did not fail again on replay; not saved",
                   file=sys.stderr)
             return
-        case = self.session.case(verdict, chat=spec.chat, seed=self.seed,
-                                 strategy=f"fuzz.strategies.prompts/{how}")
-        result = self.corpus.save(case)
-        self.known.add(case.signature)
-        self.summaries[verdict.policy].add_finding(verdict, result.status, result.path,
-                                                   case.signature, how)
+        case = assessment.case(self.session, seed=self.seed,
+                               strategy=f"fuzz.strategies.prompts/{how}")
+        if assessment.robust:
+            result = self.corpus.save(case)
+            self.known.add(case.signature)
+            status, path = result.status, result.path
+        else:
+            self._note_marginal(case.signature)
+            status, path = "marginal", None
+        self.summaries[verdict.policy].add_finding(verdict, status, path, case.signature, how,
+                                                   case.margin, case.robustness)
+
+    def _note_marginal(self, sig: Signature) -> None:
+        """After MARGINAL_TRIES marginal findings of one signature, this run stops chasing it
+        (each costs a minimization and every kernel variation); the corpus stays open to it."""
+        self.marginal_tries[sig] = self.marginal_tries.get(sig, 0) + 1
+        if self.marginal_tries[sig] >= MARGINAL_TRIES:
+            self.known.add(sig)
 
     # --- progress and summary ------------------------------------------------------------------
     def _progress_bar(self):
@@ -216,6 +253,7 @@ class FuzzJob:
             bounds=self.session.bounds.to_dict(), policies=list(self.summaries.values()),
             corpus_dir=str(self.corpus.root),
             started=self.started_at, engine=self.session.engine_kind,
+            batch_size=self.session.batch_size, round_examples=self.round_examples,
             command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 

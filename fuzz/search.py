@@ -28,7 +28,9 @@ from hypothesis.database import ExampleDatabase
 
 from .corpus import Signature
 from .generate import Bounds, PromptSpec
+from .precision import get_policy
 from .report import PolicySummary
+from .robustness import describe_where, passes_margin
 from .session import Screened, Session
 from .verdict import Verdict
 
@@ -111,12 +113,22 @@ class Search:
         if self.on_batch:
             self.on_batch()
         for spec, r in zip(specs, results):
-            if r.new:
+            if r.new and not self.counts_as_finding(r):
+                self.summary.observe_marginal(r.verdict, describe_where(r.verdict))
+            elif r.new:
                 err = error_for(r.signature)(r, spec)
                 best = self.pending.get(r.signature)
                 if best is None or len(spec.text) < len(best.spec.text):
                     self.pending[r.signature] = err
                 raise err
+
+    def counts_as_finding(self, r: Screened) -> bool:
+        """A new signature fails the property when a regression case could come of it: under
+        a policy declared safe always (any non-finite value there is a regression), under an
+        unsafe one only at a margin past the limit that other kernels will reproduce
+        (fuzz.robustness): otherwise Hypothesis would shrink toward the edge of the limit."""
+        return get_policy(self.policy).expected_safe or \
+            passes_margin(r.verdict, self.session.min_margin)
 
     def runnable_specs(self, texts: list[str]) -> list[PromptSpec]:
         """Over-long prompts and (without BOS) the empty prompt cannot run: leave them out."""
@@ -127,7 +139,7 @@ class Search:
         """Screens a batch and counts every verdict into the policy's summary."""
         results = self.session.screen(specs, self.policy, self.known, bounds)
         for r in results:
-            self.summary.observe(r.verdict)
+            self.summary.observe(r.verdict, r.signature, r.new)
         return results
 
     def run(self, prompts: st.SearchStrategy[str], max_examples: int,
@@ -200,6 +212,8 @@ def mutate_nearest(search: Search, rng: random.Random, parents: int = 4,
     results = search.screen(specs)
     new: dict[Signature, NewSignature] = {}
     for spec, r in zip(specs, results):
-        if r.new and r.signature not in new:
+        if r.new and not search.counts_as_finding(r):
+            search.summary.observe_marginal(r.verdict, describe_where(r.verdict))
+        elif r.new and r.signature not in new:
             new[r.signature] = NewSignature(r, spec)
     return list(new.values())

@@ -2,7 +2,8 @@
 
 `Session.screen()` runs prompts (batched) under a policy and says, for each failing one, whether
 its signature is new; `Session.case()` turns a failing verdict into a corpus case;
-`Session.finalize()` minimizes a finding (fuzz.minimize) before it is saved.
+fuzz.robustness measures a finding (margin, kernel variations) and minimizes it before it is
+saved.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .engine.loaded import LoadedModel
 from .engine.zoo import load_model
 from .generate import Bounds, PromptSpec, encode_prompt, explain, generate
 from .precision import POLICIES, PrecisionPolicy, get_policy
+from .robustness import MIN_MARGIN
 from .verdict import Verdict
 
 
@@ -63,6 +65,9 @@ class Session:
     device: str = "cpu"
     bounds: Bounds = field(default_factory=Bounds)
     batch_size: int = 8
+    # The least margin (unrounded sum / limit) a finding needs to become a regression case
+    # (fuzz.robustness, where the default is derived)
+    min_margin: float = MIN_MARGIN
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -78,19 +83,31 @@ class Session:
     def safe_policies(self) -> list[str]:
         return [p.name for p in POLICIES.values() if p.expected_safe]
 
-    def engine(self, policy: PrecisionPolicy):
-        return self.model.engine(policy, self.device, self.engine_kind)
+    def engine(self, policy: PrecisionPolicy, device: Optional[str] = None):
+        return self.model.engine(policy, device or self.device, self.engine_kind)
+
+    @property
+    def supports_padding(self) -> bool:
+        """Whether prompts of different lengths can share a batch (upstream's forward takes one
+        position vector for every row)."""
+        return self.engine_kind == "builtin"
 
     def run(self, specs: Sequence[PromptSpec], policy: str | PrecisionPolicy,
             bounds: Optional[Bounds] = None) -> list[Verdict]:
         """Every prompt under one policy, in batches of batch_size; verdicts in order."""
+        return self.run_on(specs, policy, bounds, self.device, self.batch_size)
+
+    def run_on(self, specs: Sequence[PromptSpec], policy: str | PrecisionPolicy,
+               bounds: Optional[Bounds], device: str, batch_size: int) -> list[Verdict]:
+        """`run` on a given device and batch size (the kernel variations, fuzz.robustness)."""
         pol = get_policy(policy) if isinstance(policy, str) else policy
         bounds = bounds or self.bounds
         out: list[Verdict] = []
-        for i in range(0, len(specs), self.batch_size):
-            chunk = list(specs[i: i + self.batch_size])
+        for i in range(0, len(specs), batch_size):
+            chunk = list(specs[i: i + batch_size])
             with self._lock:  # one model, one forward at a time
-                out += generate(self.engine(pol), self.model.tokenizer, chunk, pol.name, bounds)
+                out += generate(self.engine(pol, device), self.model.tokenizer, chunk, pol.name,
+                                bounds)
         return out
 
     def check(self, spec: PromptSpec, policy: str, bounds: Optional[Bounds] = None) -> Verdict:
@@ -100,15 +117,6 @@ class Session:
         with self._lock:
             return explain(self.engine(get_policy(policy)), self.model.tokenizer, spec, verdict,
                            bounds)
-
-    def finalize(self, spec: PromptSpec, policy: str, sig: Signature, step: int
-                 ) -> tuple[PromptSpec, Verdict]:
-        """The prompt to save for a finding: minimized (same signature, failing by the same
-        decode step), then explained under the full bounds."""
-        from .minimize import minimize_text
-
-        small, _ = minimize_text(self, spec, policy, sig, self.capped(step))
-        return small, self.check(small, policy)
 
     def runnable(self, spec: PromptSpec) -> bool:
         """False for what cannot run at all: over the token bound, or empty without BOS."""
@@ -136,20 +144,21 @@ class Session:
         alone, but at layer 12, residual_attn in a batch of 8 (even of 8 copies of itself)."""
         results = []
         for spec, v in zip(specs, self.run(specs, policy, bounds)):
-            sig = self.signature(v, spec.chat) if not v.finite else None
+            sig = self.signature(v, spec.chat) if v.nonfinite else None
             if sig is not None and sig not in known and len(specs) > 1:
                 v = self.run([spec], policy, bounds)[0]
-                sig = self.signature(v, spec.chat) if not v.finite else None
+                sig = self.signature(v, spec.chat) if v.nonfinite else None
             results.append(Screened(v, sig, sig is not None and sig not in known))
         return results
 
     def case(self, verdict: Verdict, *, chat: bool = False, seed: Optional[int] = None,
-             strategy: str = "manual", bounds: Optional[Bounds] = None) -> Case:
+             strategy: str = "manual", bounds: Optional[Bounds] = None,
+             margin: Optional[dict] = None, robustness: Optional[dict] = None) -> Case:
         return Case.from_verdict(
             verdict, model=self.model.name, fingerprint=self.model.fingerprint,
             bounds=(bounds or self.bounds).to_dict(),
             finder=finder_info(seed=seed, strategy=strategy, device=self.device),
-            chat=chat, safe_policies=self.safe_policies,
+            chat=chat, safe_policies=self.safe_policies, margin=margin, robustness=robustness,
         )
 
     def signature(self, verdict: Verdict, chat: bool = False) -> Signature:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 StopReason = Literal["eos", "nonfinite", "max_new_tokens", "timeout"]
+FLOAT16_MAX = 65504.0
 
 
 def layer_label(layer: int, num_layers: int) -> str:
@@ -37,9 +38,12 @@ class NonFinite:
     token_id: int
     kind: Literal["nan", "inf"]
     # Optional explanation of a residual-stream overflow: the channel and the two terms whose sum
-    # passed the dtype's limit (filled by fuzz.probe.explain for residual sites).
+    # passed the dtype's limit (filled by fuzz.generate.explain for residual sites).
     channel: Optional[int] = None
     terms: Optional[tuple[float, float]] = None
+    # At a residual add: max |residual + branch| over the channels at this position, computed in
+    # float32 by the probe: the value without the dtype's limit. None at other sites.
+    unrounded: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -55,9 +59,15 @@ class NonFinite:
         return cls(**d)
 
 
+Status = Literal["finite", "nonfinite", "inconclusive"]
+
+
 @dataclass
 class Verdict:
-    """One prompt, one policy, one bounded greedy generation."""
+    """One prompt, one policy, one bounded greedy generation.
+
+    `finite` is True only for a run that ended (EOS or the step bound) with every value finite: a
+    run stopped by the time limit before either is *inconclusive*, never finite."""
 
     prompt: str
     prompt_ids: list[int]  # as fed to the model, BOS included when add_bos
@@ -78,6 +88,39 @@ class Verdict:
     steps: int = 0  # forward passes run
     stopped: StopReason = "max_new_tokens"
 
+    @property
+    def nonfinite(self) -> bool:
+        return self.first_nonfinite is not None
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.first_nonfinite is None and not self.finite
+
+    @property
+    def status(self) -> Status:
+        if self.first_nonfinite is not None:
+            return "nonfinite"
+        return "finite" if self.finite else "inconclusive"
+
+    @property
+    def limit(self) -> Optional[float]:
+        """The dtype limit of the first non-finite site (None when finite)."""
+        first = self.first_nonfinite
+        if first is None:
+            return None
+        label = "embedding" if first.layer < 0 else str(first.layer)
+        return self.limits.get(f"{label}/{first.site}") or self.limits.get(f"head/{first.site}")
+
+    @property
+    def margin(self) -> Optional[float]:
+        """How far past its dtype's limit the first non-finite value went, as the ratio of the
+        unrounded sum to the limit (1.044: 4.4% past). None when finite, or when the site is not
+        a residual add (no unrounded value)."""
+        first, limit = self.first_nonfinite, self.limit
+        if first is None or first.unrounded is None or not limit:
+            return None
+        return first.unrounded / limit
+
     def headroom(self, content_only: bool = False) -> dict[str, dict[str, float]]:
         table = self.content_max_abs if content_only else self.max_abs
         out: dict[str, dict[str, float]] = {}
@@ -86,6 +129,13 @@ class Verdict:
                 limit = self.limits.get(f"{layer}/{site}", float("inf"))
                 out.setdefault(layer, {})[site] = _headroom(limit, value)
         return out
+
+    def float16_headroom(self, content_only: bool = True) -> float:
+        """65504 over the largest |x| anywhere: whether this run would survive in float16 (the
+        figure that means something for a float32 or bfloat16 run, whose own limit is ~1e38)."""
+        table = self.content_max_abs if content_only else self.max_abs
+        values = [v for sites in table.values() for v in sites.values()]
+        return min((_headroom(FLOAT16_MAX, v) for v in values), default=float("inf"))
 
     def min_headroom(self, content_only: bool = False) -> float:
         """The smallest headroom over every site (0 when something was non-finite)."""

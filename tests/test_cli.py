@@ -1,6 +1,7 @@
 """The command line on synthetic models: check, add, replay, run (incl. an interrupted run)."""
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -9,8 +10,14 @@ import time
 
 import pytest
 
+from fuzz import cli
 from fuzz.cli import main, parse_duration
 from fuzz.corpus import Corpus, load_case
+from fuzz.engine.zoo import load_model
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.precision import parse_policies
+from fuzz.run import FuzzJob
+from fuzz.session import Session
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -21,9 +28,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_check_json_locates_the_planted_overflow(capsys):
     rc = main(["check", "--model", "tiny-planted", "--policy", "float16", "--prompt",
                "kernel 7 ms", "--max-new-tokens", "3", "--json"])
-    assert rc == 0
+    assert rc == 1  # non-finite
     doc = json.loads(capsys.readouterr().out)
-    assert doc["finite"] is False
+    assert doc["finite"] is False and doc["status"] == "nonfinite"
+    # the margin: the unrounded sum past 65504, and the same site in a float32 run
+    assert doc["margin"]["ratio"] > 1.0 and doc["margin"]["float32_ratio"] > 1.0
+    assert doc["first_nonfinite"]["unrounded"] == pytest.approx(doc["margin"]["unrounded"])
     first = doc["first_nonfinite"]
     assert (first["step"], first["layer"], first["site"], first["kind"]) == (
         0, 2, "residual_mlp", "inf")
@@ -44,16 +54,43 @@ def test_check_readable_table_marks_the_first_nonfinite_layer(capsys):
 
 
 def test_check_finite_prompt(capsys):
-    main(["check", "--model", "tiny", "--policy", "bfloat16", "--prompt", "hello",
-          "--max-new-tokens", "3", "--json"])
+    assert main(["check", "--model", "tiny", "--policy", "bfloat16", "--prompt", "hello",
+                 "--max-new-tokens", "3", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["finite"] is True and doc["first_nonfinite"] is None
+    assert doc["status"] == "finite" and doc["margin"] is None
     assert len(doc["tokens"]) == 3
+
+
+def test_a_run_stopped_by_the_time_limit_is_inconclusive_never_finite(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_bounds", lambda args: Bounds(
+        max_new_tokens=args.max_new_tokens, time_limit_s=0.0))
+    assert main(["check", "--model", "tiny", "--policy", "float32", "--prompt", "hello",
+                 "--max-new-tokens", "5", "--json"]) == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "inconclusive" and doc["finite"] is False
+    assert doc["first_nonfinite"] is None and doc["stopped"] == "timeout"
+
+
+def test_prompt_from_a_file_and_from_stdin(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(b"a\x00b 7")  # a NUL byte: argv cannot carry one
+    assert main(["check", "--model", "tiny-planted", "--policy", "float16", "--prompt-file",
+                 str(path), "--max-new-tokens", "2", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["prompt"] == "a\x00b 7"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+    assert main(["check", "--model", "tiny", "--policy", "float32", "--prompt", "-",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "hello\n"  # taken exactly
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "tiny", "--policy", "float8", "--prompt", "x"],
      "unknown precision policy 'float8'"),
+    (["--model", "tiny", "--policy", "float16", "--prompt", "x\udcff"],
+     "'\\udcff' at index 1, a lone surrogate that UTF-8 cannot encode"),
+    (["--model", "tiny", "--policy", "float16", "--prompt-file", "/nonexistent/p.txt"],
+     "--prompt-file /nonexistent/p.txt: cannot be read"),
     (["--model", "nonexistent", "--policy", "float16", "--prompt", "x"], "neither a zoo name"),
     (["--model", "tiny", "--policy", "float16", "--no-bos", "--prompt", ""],
      "empty and BOS is off"),
@@ -63,6 +100,20 @@ def test_check_finite_prompt(capsys):
 def test_check_bad_input_is_a_clear_error(args, message, capsys):
     assert main(["check", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"caf\xe9")
+    assert main(["check", "--model", "tiny", "--policy", "float16", "--prompt-file",
+                 str(path)]) == 2
+    assert f"--prompt-file {path}: not UTF-8 text (byte 0xe9 at offset 3)" in \
+        capsys.readouterr().err
+
+
+def test_replay_of_a_missing_corpus_directory_is_an_error(tmp_path, capsys):
+    assert main(["replay", "--corpus", str(tmp_path / "typo")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_add_refuses_a_finite_prompt_and_saves_a_failing_one(tmp_path, capsys):
@@ -78,12 +129,40 @@ def test_add_refuses_a_finite_prompt_and_saves_a_failing_one(tmp_path, capsys):
     [path] = list((tmp_path / "corpus" / "tiny-planted").glob("*.json"))
     case = load_case(path)
     assert case.prompt == "a 7" and case.first_nonfinite.channel == 0
+    assert case.robustness["robust"] and case.margin["ratio"] > 1.02
+    assert {v["variation"] for v in case.robustness["variations"]} >= {
+        "alone, 1 thread, cpu", "batched, 2 threads, cpu, fp32-accumulate"}
 
     # Same signature, other prompt: covered already, not saved without --force.
     assert main(["add", "--model", "tiny-planted", "--policy", "float16", "--prompt", "7 b",
                  "--corpus", corpus, "--max-new-tokens", "2"]) == 0
     assert "known-signature" in capsys.readouterr().out
     assert len(list((tmp_path / "corpus" / "tiny-planted").glob("*.json"))) == 1
+
+
+def test_add_refuses_a_marginal_failure(tmp_path, capsys):
+    # A digit run of 40 overflows 2.2% past 65504 (fuzz.engine.planted): under a margin of 3%
+    # it would not be a regression case.
+    corpus = str(tmp_path / "corpus")
+    add = ["add", "--model", "tiny-digit-run-40", "--policy", "float16", "--prompt", "0" * 40,
+           "--corpus", corpus, "--max-new-tokens", "2", "--min-margin", "1.03"]
+    assert main(add) == 1
+    assert "marginal (margin 1.0220 < 1.03)" in capsys.readouterr().err
+    assert main([*add, "--allow-marginal"]) == 0
+    [path] = list((tmp_path / "corpus").rglob("*.json"))
+    assert load_case(path).robustness["robust"] is False
+
+
+def test_add_from_an_old_case_file_measures_it_again(tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema": 1, "prompt": "x 7", "policy": "float16",
+                               "add_bos": True, "model": "tiny-planted"}))
+    corpus = tmp_path / "corpus"
+    assert main(["add", "--from-case", str(old), "--corpus", str(corpus),
+                 "--max-new-tokens", "2"]) == 0
+    [path] = list(corpus.rglob("*.json"))
+    case = load_case(path)
+    assert case.prompt == "x 7" and case.schema == 2 and case.margin is not None
 
 
 def test_replay_reports_reproduced_cases_and_safe_policies(tmp_path, capsys):
@@ -109,16 +188,28 @@ def test_run_saves_each_new_signature_once_and_writes_a_report(tmp_path):
     args = ["run", "--model", "tiny-planted", "--policies", "float16,bfloat16", "--budget", "45s",
             "--corpus", str(corpus), "--database", str(tmp_path / "db"), "--seed", "3",
             "--max-new-tokens", "2", "--round-examples", "15", "--quiet"]
-    first = run_cli(*args, "--report", str(report))
-    assert first.returncode == 0, first.stderr
+    first = run_cli(*args, "--report", str(report), "--fail-on-new")
+    assert first.returncode == 1, first.stderr  # --fail-on-new: new cases were saved
+    assert "FAILED (--fail-on-new)" in first.stderr
     cases = Corpus(corpus).cases("tiny-planted")
     sigs = [c.case.signature for c in cases]
     assert cases and len(sigs) == len(set(sigs))
     assert all(c.case.policy == "float16" for c in cases)
     assert report.with_suffix(".md").exists() and report.with_suffix(".html").exists()
-    second = run_cli(*args)
-    assert second.returncode == 0, second.stderr
+    second = run_cli(*args, "--fail-on-new")
+    assert second.returncode == 0, second.stderr  # nothing new the second time
     assert len(Corpus(corpus).cases("tiny-planted")) == len(cases)  # no duplicate
+
+
+def test_run_exits_1_when_a_policy_declared_safe_went_nonfinite(tmp_path):
+    session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2))
+    job = FuzzJob(session, parse_policies("float16,bfloat16"), [True], 1.0, Corpus(tmp_path),
+                  None, 1, 5, None, quiet=True)
+    broken = session.run([PromptSpec("7")], "float16")[0]
+    job.summaries["float16"].observe(broken)  # an unsafe policy failing: a result
+    assert job.exit_code() == 0
+    job.summaries["bfloat16"].observe(broken)  # counted as if bfloat16 had gone non-finite
+    assert job.exit_code() == 1
 
 
 def test_sigterm_mid_run_keeps_findings_and_leaves_no_partial_file(tmp_path):

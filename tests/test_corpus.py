@@ -1,18 +1,35 @@
-"""The regression replay: one test per (corpus case, policy).
+"""The regression replay: one test per (corpus case, policy), and every case as other machines
+would run it.
 
 Each policy declared safe must stay finite on every case of its model. The recorded failing
-policy is replayed too, as a strict xfail: a case that no longer reproduces shows up as XPASS
-(strict -> a failure that says so), never silently dropped. A case whose model is not
-installed is skipped with the reason; a malformed case file fails with its path.
+policy is replayed too, as a strict xfail: it must still go non-finite (its first site may move on
+another machine: reported, a failure only with --gemma-strict-site); a case that no longer
+reproduces shows up as XPASS (strict -> a failure that says so), never silently dropped. A case
+whose model is not installed is skipped with the reason; a malformed case file fails with its
+path.
+
+`test_case_holds_under_every_kernel_variation` simulates other machines: each case's recorded
+policy with 1 and 2 threads, alone and inside a mixed batch, with torch's native float16 matmuls
+and with float32-accumulated ones (what a CPU without avx512_fp16 computes, fuzz.engine.kernels).
 """
 from pathlib import Path
 
 import pytest
 
-from fuzz.corpus import Corpus, CorpusError
-from fuzz.replay import planned_checks, run_check, session_for, skip_reason
+from fuzz.corpus import Corpus, CorpusError, LoadedCase
+from fuzz.replay import (
+    ReplayCheck,
+    case_bounds,
+    case_spec,
+    planned_checks,
+    run_check,
+    session_for,
+    skip_reason,
+)
+from fuzz.robustness import run_variation, variations
 
 CORPUS = Corpus(Path(__file__).resolve().parent.parent / "corpus")
+OPT_STRICT_SITE = "--gemma-strict-site"  # registered by fuzz.pytest_plugin
 
 
 def _params():
@@ -41,7 +58,8 @@ def test_corpus_case(check, request):
     if reason:
         pytest.skip(reason)
     device = request.config.getoption("--gemma-device")
-    outcome = run_check(check, session_for(check.loaded.case.model, device=device))
+    outcome = run_check(check, session_for(check.loaded.case.model, device=device),
+                        strict_site=request.config.getoption(OPT_STRICT_SITE))
     if check.expected == "finite":
         assert outcome.ok, (
             f"{check.loaded.path}: policy {check.policy} is declared safe but went non-finite: "
@@ -51,3 +69,27 @@ def test_corpus_case(check, request):
         # stops reproducing it passes, and strict turns that XPASS into a visible failure.
         assert not outcome.ok, (
             f"{check.loaded.path}: still reproduces under {check.policy}: {outcome.got}")
+
+
+def _variation_params():
+    try:
+        cases = CORPUS.cases()
+    except CorpusError:
+        return []  # test_corpus_case reports the malformed file
+    return [pytest.param(loaded, v, id=f"{loaded.case_id[:8]}-{v.name.replace(' ', '')}",
+                         marks=pytest.mark.regression)
+            for loaded in cases for v in variations("cpu")]
+
+
+@pytest.mark.parametrize("loaded, variation", _variation_params())
+def test_case_holds_under_every_kernel_variation(loaded: LoadedCase, variation):
+    case = loaded.case
+    reason = skip_reason(ReplayCheck(loaded, case.policy, "reproduce"))
+    if reason:
+        pytest.skip(reason)
+    session = session_for(case.model, device="cpu")
+    verdict = run_variation(session, case_spec(case), case.policy, variation, case_bounds(case))
+    assert verdict.nonfinite, (
+        f"{loaded.path}: {case.policy} is {verdict.status} under '{variation.name}': this case "
+        f"would not fail on a machine whose kernels round that way")
+

@@ -62,11 +62,20 @@ def make_verdict(
                    first_nonfinite=nonfinite, max_abs=table, content_max_abs=table)
 
 
+MARGIN = {"limit": 65504.0, "unrounded": 70000.0, "ratio": 70000.0 / 65504.0,
+          "float32": 69000.0, "float32_ratio": 69000.0 / 65504.0}
+ROBUSTNESS = {"robust": True, "reason": "", "margin": 70000.0 / 65504.0,
+              "variations": [{"variation": "alone, 1 thread, cpu", "status": "nonfinite",
+                              "where": "step 2 layer 5 residual_mlp", "margin": 1.0686}]}
+
+
 def make_case(prompt: str = "the self-attention is important for transformer because",
-              *, model: str = "tiny", note: str = "", **verdict_kw: Any) -> Case:
+              *, model: str = "tiny", fingerprint: str = "sha256:abc123", note: str = "",
+              **verdict_kw: Any) -> Case:
     return Case.from_verdict(make_verdict(prompt, **verdict_kw), model=model,
-                             fingerprint="sha256:abc123", bounds=BOUNDS, finder=FINDER,
-                             safe_policies=["float32", "bfloat16"], note=note)
+                             fingerprint=fingerprint, bounds=BOUNDS, finder=FINDER,
+                             safe_policies=["float32", "bfloat16"], note=note, margin=MARGIN,
+                             robustness=ROBUSTNESS)
 
 
 def json_files(directory: Path) -> list[Path]:
@@ -113,7 +122,7 @@ def test_signature_buckets_bos_and_content() -> None:
     at_bos = make_case(position=0, add_bos=True)
     at_first_content = make_case(position=0, add_bos=False)
     later = make_case(position=3)
-    assert signature(at_bos) == ("tiny", "float16", True, 5, "residual_mlp", "bos")
+    assert signature(at_bos) == ("sha256:abc123", "float16", True, 5, "residual_mlp", "bos")
     assert signature(at_first_content)[-1] == "content"
     assert signature(later)[-1] == "content"
     # every prompt that fails at the BOS sink is one bucket
@@ -127,7 +136,17 @@ def test_case_id_depends_on_signature_and_prompt_only() -> None:
     assert case_id(make_case("prompt B")) != case_id(case)
     assert case_id(make_case("prompt A", policy="bfloat16")) != case_id(case)
     assert case_id(make_case("prompt A", site="attn_out")) != case_id(case)
-    assert case_id(make_case("prompt A", model="gemma3-270m")) != case_id(case)
+    assert case_id(make_case("prompt A", fingerprint="sha256:def456")) != case_id(case)
+
+
+def test_two_models_of_one_name_are_two_buckets(tmp_path: Path) -> None:
+    # Two different model.gguf files get the same name (the file stem) but their own buckets.
+    store = Corpus(tmp_path)
+    assert store.save(make_case("prompt A", model="model")).status == "saved"
+    other = make_case("prompt B", model="model", fingerprint="sha256:def456")
+    assert other.signature != make_case("prompt A", model="model").signature
+    assert store.save(other).status == "saved"
+    assert len(store.cases("model")) == 2
 
 
 def test_short_label_is_readable_and_ascii() -> None:
@@ -338,9 +357,14 @@ def _drop_in(outer: str, key: str) -> Edit:
 # (edit of a valid document, snippets the message must contain besides the path)
 MALFORMED: dict[str, tuple[Edit, list[str]]] = {
     "missing-field": (_without("policy"), ["missing field 'policy'", "python -m fuzz add"]),
-    "missing-schema": (_without("schema"), ["missing field 'schema'", '"schema": 1']),
-    "newer-schema": (_set("schema", 2), ["unknown schema version 2", "reads schema 1",
+    "missing-schema": (_without("schema"), ["missing field 'schema'", '"schema": 2']),
+    "newer-schema": (_set("schema", 3), ["unknown schema version 3", "reads schema 2",
                                          "upgrade gemma-fuzz"]),
+    "schema-1": (_set("schema", 1), ["schema 1", "python -m fuzz add --from-case"]),
+    "margin-not-number": (_set_in("margin", "unrounded", "big"),
+                          ["field 'margin.unrounded' must be a number or null", '"big"']),
+    "robustness-key-missing": (_drop_in("robustness", "variations"),
+                               ["field 'robustness' lacks 'variations'"]),
     "older-schema": (_set("schema", 0), ["unknown schema version 0", "python -m fuzz add"]),
     "unknown-field": (_set("promt", "typo"), ["unknown field 'promt'", "remove it"]),
     "bool-as-string": (_set("add_bos", "yes"), ["field 'add_bos' must be true or false",

@@ -24,6 +24,7 @@ from fuzz.engine.planted import (
 from fuzz.engine.synthetic import random_state, tiny_config
 from fuzz.generate import Bounds, PromptSpec, generate
 from fuzz.precision import POLICIES, get_policy
+from fuzz.robustness import MIN_MARGIN, finalize
 from fuzz.session import Session
 
 FLOAT16_MAX = 65504.0
@@ -43,17 +44,18 @@ def planted(request) -> tuple[int, LoadedModel]:
     return request.param, digit_run_model(request.param)
 
 
-@pytest.mark.parametrize("run", [2, 8, 24, 32, 48, 95])
+@pytest.mark.parametrize("run", [2, 8, 24, 32, 40, 41])
 def test_plan_puts_the_float16_limit_between_run_minus_one_and_run(run: int) -> None:
     plan = plan_digit_run(run)
     assert plan.peak(run - 1, run) < FLOAT16_MAX
     assert plan.peak(run, run) > 65520.0  # float16 rounds a sum of 65520 or more to inf
+    assert plan.margin >= MIN_MARGIN  # the trigger is a regression case (fuzz.robustness)
     peaks = [plan.peak(m, run) for m in range(1, run + 1)]
     assert peaks == sorted(peaks) and len(set(peaks)) == run  # strictly increasing: a gradient
     assert plan.branch(1.0) < FLOAT16_MAX  # the branch alone is finite: the ADD overflows
 
 
-@pytest.mark.parametrize("run", [0, 1, 96])
+@pytest.mark.parametrize("run", [0, 1, 42, 96])
 def test_plan_refuses_runs_outside_its_range(run: int) -> None:
     with pytest.raises(ValueError, match="run"):
         plan_digit_run(run)
@@ -130,10 +132,13 @@ def test_finalize_shrinks_a_noisy_failure_to_exactly_run_digits() -> None:
     spec = PromptSpec("kernel 123" + "4" * run + "9 ms")
     [screened] = session.screen([spec], "float16", set())
     assert screened.new
-    small, verdict = session.finalize(spec, "float16", screened.signature,
-                                      screened.verdict.first_nonfinite.step)
-    assert is_minimal_trigger(small.text, run), small.text
+    assessment = finalize(session, spec, "float16", screened.signature,
+                          screened.verdict.first_nonfinite.step)
+    assert is_minimal_trigger(assessment.spec.text, run), assessment.spec.text
+    verdict = assessment.verdict
     assert not verdict.finite and verdict.first_nonfinite.channel == COUNT_CHANNEL
+    # robust under every kernel variation, past the margin a regression case needs
+    assert assessment.robust and assessment.margin.ratio >= MIN_MARGIN
 
 
 def test_trigger_helpers() -> None:

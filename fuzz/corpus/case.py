@@ -19,7 +19,8 @@ from typing import Any
 import fuzz
 from fuzz.verdict import NonFinite, Verdict, json_safe
 
-SCHEMA_VERSION = 1
+# 2: signatures name the model by fingerprint; cases carry their margin and kernel robustness.
+SCHEMA_VERSION = 2
 CASE_ID_HEX_DIGITS = 16
 
 # A model name becomes a directory name: keep it to one portable path component.
@@ -29,7 +30,9 @@ CASE_FILE_RE = re.compile(rf"[0-9a-f]{{{CASE_ID_HEX_DIGITS}}}\.json")
 BOUNDS_KEYS = ("max_new_tokens", "max_prompt_tokens")
 FINDER_KEYS = ("seed", "strategy", "date", "tool_version", "torch_version", "device")
 
-# (model, policy, add_bos, first non-finite layer, first non-finite site, "bos" | "content")
+# (model fingerprint, policy, add_bos, first non-finite layer, first non-finite site,
+# "bos" | "content"): the fingerprint, not the name, so that two different model.gguf files
+# never share a bucket.
 Signature = tuple[str, str, bool, int, str, str]
 
 
@@ -54,6 +57,10 @@ class Case:
     chat: bool = False  # chat template applied to the prompt
     safe_policies: list[str] = field(default_factory=list)  # declared safe when found
     note: str = ""
+    # How far past the limit the failure went (fuzz.margin.Margin.to_dict), and whether it held
+    # under every kernel variation (fuzz.robustness.Robustness.to_dict); None: not measured.
+    margin: dict[str, Any] | None = None
+    robustness: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION
 
     @classmethod
@@ -68,6 +75,8 @@ class Case:
         chat: bool = False,
         safe_policies: list[str] | None = None,
         note: str = "",
+        margin: dict[str, Any] | None = None,
+        robustness: dict[str, Any] | None = None,
     ) -> Case:
         """Build a case from a failing verdict (ValueError for a finite one)."""
         if verdict.first_nonfinite is None:
@@ -89,6 +98,8 @@ class Case:
             chat=chat,
             safe_policies=list(safe_policies or []),
             note=note,
+            margin=margin,
+            robustness=robustness,
         )
 
     @property
@@ -141,7 +152,8 @@ def signature(case: Case) -> Signature:
     # Position 0 with BOS is the attention sink every prompt shares, so a failure there is one
     # bucket whatever the prompt; anywhere else the failing token is prompt content.
     where = "bos" if (case.add_bos and nf.position == 0) else "content"
-    return (case.model, case.policy, bool(case.add_bos), int(nf.layer), str(nf.site), where)
+    return (case.model_fingerprint, case.policy, bool(case.add_bos), int(nf.layer), str(nf.site),
+            where)
 
 
 def case_id(case: Case) -> str:

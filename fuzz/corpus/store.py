@@ -100,7 +100,7 @@ class Corpus:
         return {loaded.case.signature for loaded in self.cases(model)}
 
     def has_signature(self, sig: Signature) -> bool:
-        return sig in self.signatures(sig[0])
+        return any(loaded.case.signature == sig for loaded in self.cases())
 
     def save(self, case: Case, *, force: bool = False) -> SaveResult:
         """Store a new case unless its id exists or (without force) its signature is known.

@@ -107,11 +107,18 @@ def _need_keys(name: str, obj: dict[str, Any], keys: tuple[str, ...]) -> None:
 
 def _check_schema(doc: dict[str, Any]) -> None:
     if "schema" not in doc:
-        raise _Invalid("missing field 'schema' (the case schema version, 1)",
+        raise _Invalid(f"missing field 'schema' (the case schema version, {SCHEMA_VERSION})",
                        f"add \"schema\": {SCHEMA_VERSION} or {RECREATE_HINT}")
     version = doc["schema"]
     if not _is_int(version):
         raise _wrong_type("schema", f"the integer {SCHEMA_VERSION}", version)
+    if version == 1:
+        # Schema 1 bucketed by model name and kept no margin: its case ids cannot be recomputed
+        # and its robustness is unknown, so the case must be measured again.
+        raise _Invalid(
+            "schema 1 (written before cases kept their margin and kernel robustness)",
+            "re-create it with `python -m fuzz add --from-case FILE` (measures it again under "
+            "every kernel variation), then delete this file")
     if version != SCHEMA_VERSION:
         newer = version > SCHEMA_VERSION
         raise _Invalid(
@@ -162,7 +169,7 @@ def _parse_nonfinite(value: Any) -> NonFinite:
     obj = _need_object("first_nonfinite", value)
     required = ("step", "layer", "site", "position", "token_id", "kind")
     _need_keys("first_nonfinite", obj, required)
-    known = set(required) | {"channel", "terms"}
+    known = set(required) | {"channel", "terms", "unrounded"}
     unknown = sorted(set(obj) - known)
     if unknown:
         names = ", ".join(map(repr, unknown))
@@ -183,6 +190,9 @@ def _parse_nonfinite(value: Any) -> NonFinite:
                 and all(_is_number(t) or t in ("inf", "-inf", "nan") for t in terms)):
             raise _wrong_type("first_nonfinite.terms", "null or an array of two numbers", terms)
         obj = {**obj, "terms": [from_json_safe(t) for t in terms]}
+    unrounded = obj.get("unrounded")
+    if unrounded is not None and not (_is_number(unrounded) and unrounded >= 0):
+        raise _wrong_type("first_nonfinite.unrounded", "null or a number >= 0", unrounded)
     return NonFinite.from_dict(obj)
 
 
@@ -245,7 +255,47 @@ def _case_from_document(doc: Any) -> Case:
         finder=_parse_finder(doc["finder"]),
         safe_policies=_parse_str_list("safe_policies", doc.get("safe_policies", [])),
         note=_need_str("note", doc.get("note", "")),
+        margin=_parse_margin(doc["margin"]),
+        robustness=_parse_robustness(doc["robustness"]),
     )
+
+
+def _need_number(name: str, value: Any, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if not _is_number(value):
+        raise _wrong_type(name, "a number" + (" or null" if optional else ""), value)
+    return float(value)
+
+
+def _parse_margin(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    margin = _need_object("margin", value)
+    _need_keys("margin", margin, ("limit", "unrounded", "float32"))
+    _need_number("margin.limit", margin["limit"])
+    for key in ("unrounded", "float32", "ratio", "float32_ratio"):
+        _need_number(f"margin.{key}", margin.get(key), optional=True)
+    return dict(margin)
+
+
+def _parse_robustness(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    rob = _need_object("robustness", value)
+    _need_keys("robustness", rob, ("robust", "reason", "margin", "variations"))
+    _need_bool("robustness.robust", rob["robust"])
+    _need_str("robustness.reason", rob["reason"])
+    _need_number("robustness.margin", rob["margin"], optional=True)
+    if not isinstance(rob["variations"], list):
+        raise _wrong_type("robustness.variations", "an array", rob["variations"])
+    for i, item in enumerate(rob["variations"]):
+        where = f"robustness.variations[{i}]"
+        _need_keys(where, _need_object(where, item), ("variation", "status", "where", "margin"))
+        for key in ("variation", "status", "where"):
+            _need_str(f"{where}.{key}", item[key])
+        _need_number(f"{where}.margin", item["margin"], optional=True)
+    return dict(rob)
 
 
 def load_case(path: Path) -> Case:

@@ -20,8 +20,10 @@ with a sliding window of exactly `run` tokens; four dedicated residual channels)
   (REF_CHANNEL's weight is -1, so it adds nothing) and scales it by POST_NORM_GAIN: the branch
   B(f) is smooth and increasing in f, at most BRANCH_TOP (< 65504: the branch itself is finite
   in float16). The residual add at a digit adds B(f) to the digit's own 8 D.
-- 8 D + B(f) crosses float16's limit exactly between f = (run-1)/run and f = 1: the two sums
-  sit symmetrically around 65512 (float16 rounds a sum of 65520 or more to inf). f = 1 needs
+- 8 D + B(f) crosses float16's limit between f = (run-1)/run and f = 1: the near miss sums to
+  65440 (two float16 ulps under the limit) and a full run to at least 2% past it, the margin a
+  regression case needs (fuzz.robustness.MIN_MARGIN), so a planted finding is saved like any
+  other; that caps the run at 41 digits. f = 1 needs
   `run` digits in a full window, i.e. a run of `run` consecutive digits; with BOS, a shorter
   prompt's window holds BOS, which is not a digit, so f < 1 there too.
 - No other layer reads or writes the four channels, and the final norm zeroes them, so every
@@ -56,9 +58,13 @@ PLANTED_LAYER = 0
 PLANTED_SITE = "residual_attn"
 
 POST_NORM_GAIN = 32769.0  # (1 + w) with w = 2**15, exact in float16 and bfloat16
-BRANCH_TOP = 60000.0  # B(1): the counting branch at a full window of digits (< 65504)
-FLOAT16_SUM_MIDPOINT = 65512.0  # between 65504 (largest finite) and 65520 (rounds to inf)
-MIN_MARGIN = 200.0  # each sum must clear the float16 limit by this much (rounding slack)
+BRANCH_TOP = 64000.0  # B(1): the counting branch at a full window of digits (< 65504)
+FLOAT16_MAX = 65504.0
+NEAR_MISS_SUM = 65440.0  # the near miss (run - 1 digits): two float16 ulps under the limit
+# The trigger passes the limit by at least fuzz.robustness.MIN_MARGIN (2%), plus two ulps for the
+# rounding of its two terms: a planted finding is a regression case like any other.
+TRIGGER_RATIO = 1.02
+TERM_ROUNDING = 64.0
 DEFAULT_SEED = 1234
 DIGITS = "0123456789"
 
@@ -86,25 +92,28 @@ class DigitRunPlan:
 
     @property
     def margin(self) -> float:
-        """How far the near miss (run - 1 digits) and the trigger sit from 65512."""
-        return (self.peak(self.run, self.run) - self.peak(self.run - 1, self.run)) / 2
+        """The trigger's unrounded sum over the float16 limit (1.037 for a run of 24)."""
+        return self.peak(self.run, self.run) / FLOAT16_MAX
 
 
 def plan_digit_run(run: int) -> DigitRunPlan:
-    """Solves for the slope and base that put the float16 limit between run - 1 and run digits.
+    """Solves for the slope and base that put the float16 limit between run - 1 and run digits:
+    the near miss sums to NEAR_MISS_SUM, the trigger to at least TRIGGER_RATIO x the limit.
 
-    Raises ValueError when `run` is outside 2..95 or too long for the float16 margins."""
+    Raises ValueError when `run` is outside 2..95 or too long for that margin (above 41: the
+    branch grows by less than 2% of the limit between run - 1 and run digits)."""
     if not 2 <= run <= 95:
         raise ValueError(f"run must be between 2 and 95 digit tokens (the trigger plus BOS must "
                          f"fit the default 96-token prompt bound), got {run}")
     top = BRANCH_TOP / (8.0 * POST_NORM_GAIN)  # s(1) = t / sqrt(1 + t^2)
     slope = top / math.sqrt(1.0 - top * top)
-    plan = DigitRunPlan(run, slope, 0.0)
-    both = plan.branch(1.0) + plan.branch((run - 1) / run)
-    plan = DigitRunPlan(run, slope, (2 * FLOAT16_SUM_MIDPOINT - both) / 2 / 8.0)
-    if plan.margin < MIN_MARGIN:
-        raise ValueError(f"run {run} is too long: the float16 margin would be {plan.margin:.0f} "
-                         f"(< {MIN_MARGIN:.0f}); use a shorter run")
+    near = DigitRunPlan(run, slope, 0.0).branch((run - 1) / run)
+    plan = DigitRunPlan(run, slope, (NEAR_MISS_SUM - near) / 8.0)
+    needed = FLOAT16_MAX * TRIGGER_RATIO + TERM_ROUNDING
+    if plan.peak(run, run) < needed:
+        raise ValueError(f"run {run} is too long: its trigger would reach only {plan.margin:.4f}"
+                         f" x the float16 limit (a regression case needs {TRIGGER_RATIO}); use a "
+                         "run of at most 41")
     return plan
 
 
@@ -235,5 +244,5 @@ def longest_digit_run(text: str) -> int:
 
 # The runs the benchmarks and docs name; any `tiny-digit-run-N` (2 <= N <= 95) loads from the zoo.
 PLANTED_MODELS: dict[str, Callable[[], LoadedModel]] = {
-    digit_run_name(run): (lambda run=run: digit_run_model(run)) for run in (8, 24, 32, 48)
+    digit_run_name(run): (lambda run=run: digit_run_model(run)) for run in (8, 24, 32, 40)
 }

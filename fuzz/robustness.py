@@ -1,0 +1,244 @@
+"""Kernel-robust findings: does a failure hold under every kernel variation this machine offers?
+
+Near the float16 limit a verdict depends on the reduction order of the matmul kernels: the number
+of rows (one prompt alone: gemv; a batch: gemm), the thread count, the CPU model, the GPU
+(docs/NUMERICS.md: a case saved 0.5% past 65504 failed on one machine and not on the next). A
+regression case must hold on every machine, so a finding becomes one only if
+
+- it is non-finite with the same signature under every variation the suite can produce here:
+  alone and inside a mixed batch (other rows of other lengths, so the prompt is padded and the
+  kernels see other shapes), with 1 thread and with all threads, with torch's native float16
+  matmuls and with float32-accumulated ones (fuzz.engine.kernels: how a CPU with avx512_fp16
+  imitates one without, measured), and on the GPU and the CPU when the session runs on a GPU;
+  and
+- its margin (the unrounded sum over the dtype's limit, fuzz.probe) is at least MIN_MARGIN in
+  every variation: another CPU's kernel cannot be imitated here, and flips seen across machines
+  were within 0.5%.
+
+A finding that fails only some of this is *marginal*: the report lists it with its margin and
+why; it is not saved as a regression case.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from .corpus import Case, Signature
+from .engine.kernels import kernel
+from .generate import Bounds, PromptSpec
+from .margin import Margin, measure
+from .minimize import minimize_text
+from .precision import get_policy
+from .verdict import Verdict
+
+if TYPE_CHECKING:
+    from .session import Session
+
+# The least margin a regression case needs: the unrounded sum 2% past the limit. Measured on
+# Gemma 3 270M without BOS (benchmarks/bench_margins.py, 91 raw float16 findings): no finding
+# flipped with the thread count or the batch on an avx512_fp16 CPU; under the float32-accumulating
+# kernel, prefill findings flipped up to a margin of 1.010 and none above; decode-step findings
+# flipped up to 1.040, because their greedy tokens diverged (which the variations, not a margin,
+# catch). 1.02 is twice the largest prefill flip. Session.min_margin carries it (--min-margin).
+MIN_MARGIN = 1.02
+
+# Rows that share the batch with the prompt in the "batched" variations: a short one, a long one
+# (so the prompt itself gets left padding), one in between. What they compute does not matter:
+# rows never see each other (per-row masks, zeroed padding K/V).
+FILLERS = (
+    "Hello",
+    "The quick brown fox jumps over the lazy dog, then it runs 3 miles north and 4 east: "
+    "how far is it from where it started?",
+    "def add(a, b):\n    return a + b",
+)
+
+
+@dataclass(frozen=True)
+class Variation:
+    """One way to run a prompt: alone or batched, with a thread count (CPU), on a device, with
+    a matmul kernel (fuzz.engine.kernels)."""
+
+    batched: bool
+    threads: Optional[int]  # None: leave the thread count as it is (GPU runs)
+    device: str
+    kernel: str = "native"
+
+    @property
+    def name(self) -> str:
+        where = "batched" if self.batched else "alone"
+        threads = "" if self.threads is None else f", {self.threads} thread" + \
+            ("s" if self.threads != 1 else "")
+        kernel = "" if self.kernel == "native" else f", {self.kernel}"
+        return f"{where}{threads}, {self.device}{kernel}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one variation gave."""
+
+    variation: str
+    status: str  # finite | nonfinite | inconclusive
+    signature: Optional[Signature]
+    where: str  # "step S layer L site" or ""
+    margin: Optional[float]
+
+    def to_dict(self) -> dict:
+        return {"variation": self.variation, "status": self.status, "where": self.where,
+                "margin": self.margin}
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """The verdict over every variation: robust, or marginal and why."""
+
+    outcomes: tuple[Outcome, ...]
+    robust: bool
+    reason: str  # "" when robust
+    margin: Optional[float]  # the least margin over the variations (None: none measured)
+
+    def to_dict(self) -> dict:
+        return {"robust": self.robust, "reason": self.reason, "margin": self.margin,
+                "variations": [o.to_dict() for o in self.outcomes]}
+
+
+def thread_counts() -> list[int]:
+    """1 and all of the machine's cores (at least 2): the extremes of the reduction order."""
+    return sorted({1, max(2, os.cpu_count() or 1)})
+
+
+def variations(device: str = "cpu", engine: str = "builtin") -> list[Variation]:
+    """Every variation to run for a session on `device` with `engine`: the canonical one (alone,
+    all threads, that device) first. The float32-accumulating kernel exists only in the
+    built-in engine."""
+    most = thread_counts()[-1]
+    cpu = [Variation(batched, threads, "cpu") for batched in (False, True)
+           for threads in reversed(thread_counts())]
+    if engine == "builtin":
+        cpu += [Variation(batched, most, "cpu", "fp32-accumulate") for batched in (False, True)]
+    if not device.startswith("cuda"):
+        return cpu
+    return [Variation(False, None, device), Variation(True, None, device), *cpu]
+
+
+@contextlib.contextmanager
+def num_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to n for the block (process-wide), then restored."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_variation(session: Session, spec: PromptSpec, policy: str, variation: Variation,
+                  bounds: Bounds) -> Verdict:
+    """The prompt's verdict under one variation (its own row of a batch when batched)."""
+    batch = [spec]
+    if variation.batched and session.supports_padding:
+        fillers = [PromptSpec(t, spec.add_bos, spec.chat) for t in FILLERS]
+        batch = [f for f in fillers[:1] if session.runnable(f)] + [spec] + \
+            [f for f in fillers[1:] if session.runnable(f)]
+    with num_threads(variation.threads), kernel(variation.kernel):
+        verdicts = session.run_on(batch, policy, bounds, variation.device, batch_size=len(batch))
+    return verdicts[batch.index(spec)]
+
+
+def check_robustness(session: Session, spec: PromptSpec, policy: str, signature: Signature,
+                     bounds: Optional[Bounds] = None) -> Robustness:
+    """Runs every variation (bounds capped by the caller, e.g. to the failing step) and says
+    whether the finding is a regression case every machine will reproduce."""
+    bounds = bounds or session.bounds
+    outcomes = []
+    for variation in variations(session.device, session.engine_kind):
+        v = run_variation(session, spec, policy, variation, bounds)
+        sig = session.signature(v, spec.chat) if v.nonfinite else None
+        outcomes.append(Outcome(variation.name, v.status, sig, describe_where(v), v.margin))
+    return judge(tuple(outcomes), signature, session.min_margin)
+
+
+def judge(outcomes: tuple[Outcome, ...], signature: Signature, min_margin: float) -> Robustness:
+    margins = [o.margin for o in outcomes if o.margin is not None]
+    least = min(margins) if margins else None
+    for o in outcomes:
+        if o.status != "nonfinite":
+            return Robustness(outcomes, False, f"{o.status} {o.variation}", least)
+        if o.signature != signature:
+            return Robustness(outcomes, False, f"first site moves to {o.where} {o.variation}",
+                              least)
+    if least is not None and least < min_margin:
+        return Robustness(outcomes, False, f"margin {least:.4f} < {min_margin}", least)
+    return Robustness(outcomes, True, "", least)
+
+
+def passes_margin(verdict: Verdict, min_margin: float) -> bool:
+    """The canonical run's margin is enough (a site that is not a residual add has none to
+    measure: only the variations judge it)."""
+    return verdict.margin is None or verdict.margin >= min_margin
+
+
+@dataclass
+class Assessment:
+    """A failing prompt measured for the corpus: its explained verdict under the full bounds,
+    its margin (with the float32 magnitude) and its kernel robustness."""
+
+    spec: PromptSpec
+    verdict: Verdict
+    margin: Optional[Margin]
+    robustness: Robustness
+
+    @property
+    def robust(self) -> bool:
+        return self.robustness.robust
+
+    def case(self, session: Session, *, seed: Optional[int] = None,
+             strategy: str = "manual") -> Case:
+        """The corpus case of this prompt, margin and robustness included."""
+        return session.case(self.verdict, chat=self.spec.chat, seed=seed, strategy=strategy,
+                            margin=self.margin.to_dict() if self.margin else None,
+                            robustness=self.robustness.to_dict())
+
+
+def assess(session: Session, spec: PromptSpec, policy: str,
+           bounds: Optional[Bounds] = None) -> Assessment:
+    """Explains the failure (channel and terms), measures its margin against a float32 run fed
+    the same tokens, and runs every kernel variation (the full bounds: what replay will run)."""
+    bounds = bounds or session.bounds
+    verdict = session.check(spec, policy, bounds)
+    if not verdict.nonfinite:
+        none = Outcome("alone", verdict.status, None, "", None)
+        return Assessment(spec, verdict, None, Robustness((none,), False, verdict.status, None))
+    f32 = session.model.engine(get_policy("float32"), session.device, "builtin")
+    sig = session.signature(verdict, spec.chat)
+    return Assessment(spec, verdict, measure(verdict, f32),
+                      check_robustness(session, spec, policy, sig, bounds))
+
+
+def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, step: int
+             ) -> Assessment:
+    """The case to save for a finding: minimized while it keeps its signature, its margin and
+    every kernel variation (bounds cut to the failing step while minimizing), then assessed
+    under the full bounds. A prompt that is not robust to begin with is assessed as it is."""
+    capped = session.capped(step)
+
+    def holds(candidate: PromptSpec, alone: Verdict) -> bool:
+        return passes_margin(alone, session.min_margin) and check_robustness(
+            session, candidate, policy, sig, capped).robust
+
+    start = session.run([spec], policy, capped)[0]
+    if start.nonfinite and session.signature(start, spec.chat) == sig and holds(spec, start):
+        spec, _ = minimize_text(session, spec, policy, sig, capped, keeps=holds)
+    return assess(session, spec, policy)
+
+
+def describe_where(v: Verdict) -> str:
+    f = v.first_nonfinite
+    return "" if f is None else f"step {f.step} layer {f.layer} {f.site}"
