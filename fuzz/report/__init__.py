@@ -7,8 +7,11 @@ writes ``<stem>.md``, ``<stem>.html`` and ``<stem>.json`` side by side.
 The package, one module per concern (this module re-exports their public names, so callers say
 ``from fuzz.report import NAME``):
 
-- ``model``: Finding, PolicySummary, RunSummary and their strict-JSON form (the ``.json`` file);
-- ``text``: the text pieces both renderers share (numbers, prompts, commands, descriptions);
+- ``model``: Finding, ModeCounts, PolicySummary, RunSummary and their strict-JSON form (the
+  ``.json`` file; ``jsonform`` holds its helpers);
+- ``describe``: a run's pieces in words (numbers, prompts, a verdict, a signature, a margin);
+- ``commands``: the commands that repeat the run, reproduce a finding, replay the corpus;
+- ``text``: the report's wording both renderers share (counts, statuses, facts, sentences);
 - ``markdown``: :func:`render_markdown`, what a person reads in a CI log or a PR;
 - ``html``: :func:`render_html`, the same content in one file that needs nothing else;
 - ``plots``: a verdict's figure and PNG (one per policy for the HTML page), on matplotlib's
@@ -17,6 +20,30 @@ The package, one module per concern (this module re-exports their public names, 
 """
 from __future__ import annotations
 
+from .commands import check_command, replay_command, run_command
+from .describe import (
+    bos_text,
+    bounds_text,
+    describe_nonfinite,
+    describe_position,
+    describe_step,
+    describe_terms,
+    describe_where,
+    fmt_duration,
+    fmt_headroom,
+    fmt_ratio,
+    fmt_value,
+    margin_text,
+    min_headroom_site,
+    nonfinite_layer_label,
+    num_layers,
+    plural,
+    prompt_literal,
+    robustness_text,
+    shell_quote,
+    signature_text,
+    site_limit,
+)
 from .files import DEFAULT_STEM, REPORT_SUFFIXES, report_paths, write_report
 from .html import render_html
 from .markdown import md_cell, md_code, render_markdown
@@ -26,6 +53,7 @@ from .model import (
     NEAREST_MISSES,
     STOP_REASONS,
     Finding,
+    ModeCounts,
     PolicySummary,
     RunSummary,
     unique_misses,
@@ -49,42 +77,24 @@ from .plots import _layer_axis as _layer_axis
 from .text import (
     also_hit,
     best_headroom_text,
-    bos_text,
-    bounds_text,
-    check_command,
-    describe_nonfinite,
-    describe_position,
-    describe_step,
-    describe_terms,
-    describe_where,
-    fmt_duration,
-    fmt_headroom,
-    fmt_value,
+    findings_total,
     group_findings,
     header_facts,
-    min_headroom_site,
-    nonfinite_layer_label,
-    num_layers,
-    plural,
+    policy_rows,
     policy_status,
-    prompt_literal,
-    replay_command,
-    run_command,
-    shell_quote,
-    signature_text,
-    site_limit,
     status_text,
 )
 
 __all__ = [
     "DEFAULT_STEM", "DTYPE_MAX", "FINDING_STATUSES", "GROUP_COLORS", "NEAREST_MISSES",
     "REPORT_SUFFIXES", "SITE_GROUPS", "STOP_REASONS",
-    "Finding", "PolicySummary", "RunSummary", "unique_misses",
+    "Finding", "ModeCounts", "PolicySummary", "RunSummary", "unique_misses",
     "also_hit", "best_headroom_text", "bos_text", "bounds_text", "check_command",
     "describe_nonfinite", "describe_position", "describe_step", "describe_terms",
-    "describe_where", "fmt_duration", "fmt_headroom", "fmt_value", "group_findings",
-    "header_facts", "min_headroom_site", "nonfinite_layer_label", "num_layers", "plural",
-    "policy_status", "prompt_literal", "replay_command", "run_command", "shell_quote",
+    "describe_where", "findings_total", "fmt_duration", "fmt_headroom", "fmt_ratio",
+    "fmt_value", "group_findings", "header_facts", "margin_text", "min_headroom_site",
+    "nonfinite_layer_label", "num_layers", "plural", "policy_rows", "policy_status",
+    "prompt_literal", "replay_command", "robustness_text", "run_command", "shell_quote",
     "signature_text", "site_limit", "status_text",
     "md_cell", "md_code", "render_markdown",
     "render_html",

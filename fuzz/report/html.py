@@ -10,7 +10,10 @@ import base64
 import html
 from typing import Any
 
-from . import text  # the shared wording, read as text.NAME (shadowed only in _h, _code)
+# the shared wording and commands, read as text.NAME and commands.NAME (text is
+# shadowed in _h, _t, _code)
+from . import commands, text
+from .describe import bos_text, prompt_literal
 from .model import Finding, PolicySummary, RunSummary
 
 _CSS = """
@@ -23,13 +26,14 @@ code,pre{font-family:ui-monospace,'DejaVu Sans Mono',Menlo,Consolas,monospace;fo
 code{background:#f3f3f3;padding:.1em .3em;border-radius:3px;overflow-wrap:break-word}
 pre{background:#f6f8fa;padding:.8em;border-radius:4px;white-space:pre-wrap;
 overflow-wrap:anywhere}
-table{border-collapse:collapse;margin:.6em 0}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #d0d0d0;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3} td.num{text-align:right}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}
 dl.facts dt{font-weight:600} dl.facts dd{margin:0}
 .finding{border-left:4px solid #d62728;padding:.2em 1em;margin:1em 0;background:#fff8f8}
 .finding.known{border-left-color:#999;background:#fafafa}
+.finding.marginal{border-left-color:#e0a000;background:#fffbf0}
 .alarm{color:#b00020;font-weight:700} .ok{color:#217a21}
 .overflow{font-weight:600}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
@@ -41,8 +45,19 @@ def _h(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _t(text: str) -> str:
+    """Text content: escaped, quotes left as they are (they need no escape outside attributes,
+    and a reader of the page source sees "it's", not "it&#x27;s")."""
+    return html.escape(text, quote=False)
+
+
+def _tone(tone: str) -> str:
+    """The class attribute for a status's tone (text.tone), none when it has none."""
+    return f' class="{tone}"' if tone else ""
+
+
 def _code(text: str) -> str:
-    return f"<code>{_h(text)}</code>"
+    return f"<code>{_t(text)}</code>"
 
 
 def render_html(s: RunSummary, plots: dict[str, bytes] | None = None) -> str:
@@ -56,13 +71,12 @@ def render_html(s: RunSummary, plots: dict[str, bytes] | None = None) -> str:
         f"<title>gemma-fuzz report: {_h(s.model)}</title><style>{_CSS}</style></head><body>",
         f"<h1>gemma-fuzz report: {_code(s.model)}</h1>",
         f'<dl class="facts">{facts}</dl>',
-        f"<p><strong>{_h(text.findings_total(s))}</strong></p>",
+        f"<p><strong>{_t(text.findings_total(s))}</strong></p>",
         "<h2>How to reproduce</h2>",
-        f"<pre>{_h(text.run_command(s))}\n{_h(text.replay_command(s))}</pre>",
+        f"<pre>{_t(commands.run_command(s))}\n{_t(commands.replay_command(s))}</pre>",
+        f"<p>{_t(text.REPRODUCE_NOTE)}</p>",
         "<h2>Policies</h2>", _html_policy_table(s),
-        # Fixed sentences with no markup characters go in unescaped (_h would turn their
-        # apostrophes into &#x27;); the same holds for MISSES_TITLE and NO_FINITE_EXAMPLE.
-        f"<p>{text.HEADROOM_NOTE}</p>",
+        f"<p>{_t(text.HEADROOM_NOTE)}</p>", f"<p>{_t(text.COUNTS_NOTE)}</p>",
     ]
     for p in s.policies:
         parts.append(_html_policy(s, p, plots.get(p.policy)))
@@ -71,37 +85,52 @@ def render_html(s: RunSummary, plots: dict[str, bytes] | None = None) -> str:
 
 
 def _html_policy_table(s: RunSummary) -> str:
+    head = "".join(f"<th>{_t(c)}</th>" for c in text.POLICY_COLUMNS)
     rows = []
-    for p in s.policies:
-        status = text.policy_status(p)
-        cls = "alarm" if p.findings and p.expected_safe else ("ok" if not p.findings else "")
-        rows.append(
-            f"<tr><td>{_code(p.policy)}</td><td>{_h(p.dtype)}</td>"
-            f"<td>{'yes' if p.expected_safe else 'no'}</td><td class=num>{p.examples}</td>"
-            f"<td class=num>{p.new_findings} / {p.known_findings}</td>"
-            f"<td class=num>{_h(text.best_headroom_text(p))}</td>"
-            f'<td class="{cls}">{_h(status)}</td></tr>')
-    return ("<table><tr><th>policy</th><th>dtype</th><th>declared safe</th><th>examples</th>"
-            "<th>findings (new / known)</th><th>best headroom</th><th>status</th></tr>"
-            + "".join(rows) + "</table>")
+    for row in text.policy_rows(s):
+        cells = []
+        for column, value in zip(text.POLICY_COLUMNS, row.cells):
+            if column == "policy":
+                cells.append(f"<td>{_code(value)}</td>")
+            elif column == "status":
+                cells.append(f"<td{_tone(row.tone)}>{_t(value)}</td>")
+            elif column in text.NUMERIC_COLUMNS:
+                cells.append(f"<td class=num>{_t(value)}</td>")
+            else:
+                cells.append(f"<td>{_t(value)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>" + "".join(rows) + "</table>"
 
 
 def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
     parts = [f'<h2 id="policy-{_h(p.policy)}">Policy {_code(p.policy)} '
-             f"({_h(p.dtype)}, {text.safety_text(p)})</h2>",
-             f"<p>{_h(text.policy_counts(p))}</p>"]
+             f"({_h(p.dtype)}, {text.safety_text(p)})</h2>"]
+    status, *counts = text.policy_counts(p)
+    parts.append(f"<p{_tone(text.tone(p.expected_safe, text.policy_tally(p)))}>{_t(status)}</p>")
+    parts += [f"<p>{_t(line)}</p>" for line in counts]
+    known = text.known_rows(s, p)
+    if known:
+        parts.append(f"<h3>{_t(text.KNOWN_TITLE)}</h3><ul>"
+                     + "".join(f"<li>{_t(row)}</li>" for row in known) + "</ul>")
     for i, (f, count) in enumerate(text.group_findings(p.findings), 1):
         parts.append(_html_finding(s, p, f, count, i))
+    marginal = text.marginal_rows(p)
+    if marginal:
+        more = text.marginal_more(p)
+        parts.append(f"<h3>{_t(text.MARGINAL_TITLE)}</h3><ul>"
+                     + "".join(f"<li>{_t(margin)}: {_code(prompt)} ({_t(bos)})</li>"
+                               for margin, prompt, bos in marginal)
+                     + (f"<li>{_t(more)}</li>" if more else "") + "</ul>")
     if p.nearest_misses:
         rows = "".join(
-            f"<tr><td class=num>{_h(headroom)}</td><td>{_h(where)}</td>"
-            f"<td>{_code(prompt)}</td><td>{_h(bos)}</td></tr>"
+            f"<tr><td class=num>{_t(headroom)}</td><td>{_t(where)}</td>"
+            f"<td>{_code(prompt)}</td><td>{_t(bos)}</td></tr>"
             for headroom, where, prompt, bos in text.miss_rows(p))
-        parts.append(f"<h3>{text.MISSES_TITLE}</h3>"
+        parts.append(f"<h3>{_t(text.MISSES_TITLE)}</h3>"
                      "<table><tr><th>headroom</th><th>where</th><th>prompt</th><th>BOS</th></tr>"
                      + rows + "</table>")
     elif not p.findings:
-        parts.append(f"<p>{text.NO_FINITE_EXAMPLE}</p>")
+        parts.append(f"<p>{_t(text.NO_FINITE_EXAMPLE)}</p>")
     plotted = p.plotted()
     if png is not None and plotted is not None:
         what = "first finding" if p.findings else "nearest miss"
@@ -109,8 +138,8 @@ def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
         parts.append(
             f'<figure><img alt="max |x| and headroom per layer, policy {_h(p.policy)}" '
             f'src="data:image/png;base64,{data}"><figcaption>Policy {_code(p.policy)}, {what}: '
-            f"{_code(text.prompt_literal(plotted.prompt))} "
-            f"({_h(text.bos_text(plotted.add_bos))}). "
+            f"{_code(prompt_literal(plotted.prompt))} "
+            f"({_t(bos_text(plotted.add_bos))}). "
             "Top: max |x| per layer for each site group (log scale; non-finite values drawn at "
             "the top edge). Bottom: headroom per layer, min over sites.</figcaption></figure>")
     return "\n".join(parts)
@@ -119,10 +148,10 @@ def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
 def _html_finding(s: RunSummary, p: PolicySummary, f: Finding, count: int, i: int) -> str:
     items = []
     for label, segments in text.finding_facts(s, p, f, count):
-        value = "".join(_code(part) if as_code else _h(part) for part, as_code in segments)
+        value = "".join(_code(part) if as_code else _t(part) for part, as_code in segments)
         if label == "Overflow":  # the two terms that overflowed: what the reader looks for
             value = f'<span class="overflow">{value}</span>'
-        items.append(f"<dt>{_h(label)}</dt><dd>{value}</dd>")
-    cls = "finding" if f.is_new else "finding known"
-    return (f'<div class="{cls}"><h3>{_h(text.finding_heading(f, i))}</h3>'
+        items.append(f"<dt>{_t(label)}</dt><dd>{value}</dd>")
+    cls = "finding" if f.is_new else ("finding marginal" if f.is_marginal else "finding known")
+    return (f'<div class="{cls}"><h3>{_t(text.finding_heading(f, i))}</h3>'
             f'<dl class="facts">{"".join(items)}</dl></div>')

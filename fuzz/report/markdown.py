@@ -1,14 +1,18 @@
 """The markdown report: what a person reads in a CI log or a PR.
 
-Header, per-policy table, every finding (minimal prompt, first non-finite value, the channel and
-the two terms that overflowed, the case file, a command that reproduces it) and the nearest
-misses. Text that a reader may copy (prompts, paths, commands) goes in code spans.
+Header, the policies table (a row per policy and BOS mode), and per policy: its status and counts,
+the known signatures it hit, every finding (minimal prompt, first non-finite value, the channel
+and the two terms that overflowed, its margin and robustness, the case file, a command that
+reproduces it), the marginal prompts and the nearest misses. Text that a reader may copy
+(prompts, paths, commands) goes in code spans.
 """
 from __future__ import annotations
 
 import re
 
-from . import text  # the shared wording, read as text.NAME (shadowed only in md_code, md_cell)
+# the shared wording and commands, read as text.NAME and commands.NAME (text is
+# shadowed only in md_code, md_cell)
+from . import commands, text
 from .model import Finding, PolicySummary, RunSummary
 
 
@@ -29,28 +33,36 @@ def render_markdown(s: RunSummary) -> str:
     for key, value in text.header_facts(s):
         out.append(f"- **{key}:** {md_code(value) if key in text.CODE_FACTS else value}")
     out += ["", f"**{text.findings_total(s)}**", "",
-            "## How to reproduce", "", "```sh", text.run_command(s), text.replay_command(s),
-            "```", "",
+            "## How to reproduce", "", "```sh", commands.run_command(s),
+            commands.replay_command(s), "```", "", text.REPRODUCE_NOTE, "",
             "## Policies", "",
-            "| policy | dtype | declared safe | examples | findings (new / known) | "
-            "best headroom | status |",
-            "|---|---|---|---:|---:|---:|---|"]
-    for p in s.policies:
-        out.append(
-            f"| {md_cell(p.policy)} | {p.dtype} | {'yes' if p.expected_safe else 'no'} | "
-            f"{p.examples} | {p.new_findings} / {p.known_findings} | "
-            f"{text.best_headroom_text(p)} | {text.policy_status(p)} |")
-    out += ["", text.HEADROOM_NOTE, ""]
+            "| " + " | ".join(text.POLICY_COLUMNS) + " |",
+            "|" + "|".join("---:" if c in text.NUMERIC_COLUMNS else "---"
+                           for c in text.POLICY_COLUMNS) + "|"]
+    for row in text.policy_rows(s):
+        out.append("| " + " | ".join(md_cell(c) for c in row.cells) + " |")
+    out += ["", text.HEADROOM_NOTE, "", text.COUNTS_NOTE, ""]
     for p in s.policies:
         out += _md_policy(s, p)
     return "\n".join(out).rstrip() + "\n"
 
 
 def _md_policy(s: RunSummary, p: PolicySummary) -> list[str]:
-    out = [f"## Policy `{p.policy}` ({p.dtype}, {text.safety_text(p)})", "",
-           text.policy_counts(p), ""]
+    out = [f"## Policy `{p.policy}` ({p.dtype}, {text.safety_text(p)})", ""]
+    for line in text.policy_counts(p):
+        out += [line, ""]
+    known = text.known_rows(s, p)
+    if known:
+        out += [f"### {text.KNOWN_TITLE}", "", *(f"- {row}" for row in known), ""]
     for i, (f, count) in enumerate(text.group_findings(p.findings), 1):
         out += _md_finding(s, p, f, count, i)
+    marginal = text.marginal_rows(p)
+    if marginal:
+        out += [f"### {text.MARGINAL_TITLE}", ""]
+        out += [f"- {margin}: {md_code(prompt)} ({bos})" for margin, prompt, bos in marginal]
+        more = text.marginal_more(p)
+        out += [f"- {more}"] if more else []
+        out.append("")
     if p.nearest_misses:
         out += [f"### {text.MISSES_TITLE}", ""]
         for headroom, where, prompt, bos in text.miss_rows(p):

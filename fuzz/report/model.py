@@ -7,7 +7,7 @@ and its nearest misses (the finite examples with the lowest content headroom).
 JSON is the summary itself (strict JSON: inf/nan as strings, see fuzz.verdict.json_safe), so a
 later tool can re-render or compare runs: ``RunSummary.from_json(path.read_text())``. Verdicts are
 stored without their derived headroom table, and read back with json_safe's inverse applied to
-numeric fields only.
+numeric fields only (fuzz.report.jsonform).
 """
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ..verdict import Verdict, from_json_safe, json_safe
+from .jsonform import need, verdict_from_dict, verdict_to_dict
 
-FINDING_STATUSES = ("saved", "known-signature", "duplicate-file")
+# "marginal": failed here, but not under every kernel variation or below the margin a regression
+# case needs (fuzz.robustness): reported, not saved.
+FINDING_STATUSES = ("saved", "known-signature", "duplicate-file", "marginal")
 STOP_REASONS = ("budget", "interrupted", "error")
 NEAREST_MISSES = 5
 
@@ -38,13 +41,16 @@ class Finding:
     """One failing example the search kept (shrunk), and what the corpus did with it."""
 
     verdict: Verdict
-    status: str  # 'saved' | 'known-signature' | 'duplicate-file' (fuzz.corpus.SaveStatus)
+    status: str  # one of FINDING_STATUSES (fuzz.corpus.SaveStatus, or 'marginal')
     case_path: str | Path | None  # where the case is (saved/duplicate) or would have gone
     signature: tuple  # fuzz.corpus.signature: (model, policy, add_bos, layer, site, where)
     # True when the probe named the channel and terms that overflowed. None: derive it.
     explained: bool | None = None
     how: str = "shrunk"  # "shrunk" (by Hypothesis), "mutated" (an edit of a near miss), or
     # "interrupted" (saved unminimized when the run was stopped)
+    # fuzz.margin.Margin.to_dict() and fuzz.robustness.Robustness.to_dict() of the saved prompt
+    margin: dict[str, Any] | None = None
+    robustness: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in FINDING_STATUSES:
@@ -68,17 +74,68 @@ class Finding:
     def is_new(self) -> bool:
         return self.status == "saved"
 
+    @property
+    def is_marginal(self) -> bool:
+        return self.status == "marginal"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": _verdict_to_dict(self.verdict), "status": self.status,
+        return {"verdict": verdict_to_dict(self.verdict), "status": self.status,
                 "case_path": self.case_path, "signature": list(self.signature),
-                "explained": self.explained, "how": self.how}
+                "explained": self.explained, "how": self.how, "margin": self.margin,
+                "robustness": self.robustness}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
-        return cls(verdict=_verdict_from_dict(_need(d, "verdict", "finding")),
-                   status=_need(d, "status", "finding"), case_path=d.get("case_path"),
-                   signature=tuple(_need(d, "signature", "finding")),
-                   explained=d.get("explained"), how=d.get("how", "shrunk"))
+        return cls(verdict=verdict_from_dict(need(d, "verdict", "finding")),
+                   status=need(d, "status", "finding"), case_path=d.get("case_path"),
+                   signature=tuple(need(d, "signature", "finding")),
+                   explained=d.get("explained"), how=d.get("how", "shrunk"),
+                   margin=d.get("margin"), robustness=d.get("robustness"))
+
+
+MAX_MARGINAL_EXAMPLES = 10
+
+
+def mode_name(add_bos: bool) -> str:
+    return "bos" if add_bos else "no-bos"
+
+
+@dataclass
+class ModeCounts:
+    """What one BOS mode of one policy saw. Every screened example counts (Hypothesis's replays
+    and shrink candidates too), so these are screening counts, not distinct prompts."""
+
+    examples: int = 0
+    nonfinite: int = 0  # examples that went non-finite, under any signature
+    inconclusive: int = 0  # stopped by the time limit before EOS or the step bound
+    known: dict[tuple, int] = field(default_factory=dict)  # known signature -> such examples
+    # distinct prompts whose new failure stayed below the margin a case needs (not shrunk), and
+    # a few of them (prompt, add_bos, margin, where) for the report
+    marginal: int = 0
+    marginal_examples: list[dict[str, Any]] = field(default_factory=list)
+    best_headroom: float = math.inf  # content, against the policy's own dtype
+    best_float16_headroom: float = math.inf  # content, against float16's 65504
+    _marginal_seen: set = field(default_factory=set, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "nonfinite": self.nonfinite,
+                "inconclusive": self.inconclusive,
+                "known": [{"signature": list(sig), "examples": n}
+                          for sig, n in sorted(self.known.items(), key=lambda kv: -kv[1])],
+                "marginal": self.marginal, "marginal_examples": list(self.marginal_examples),
+                "best_headroom": self.best_headroom,
+                "best_float16_headroom": self.best_float16_headroom}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModeCounts:
+        return cls(examples=int(d.get("examples", 0)), nonfinite=int(d.get("nonfinite", 0)),
+                   inconclusive=int(d.get("inconclusive", 0)),
+                   known={tuple(k["signature"]): int(k["examples"]) for k in d.get("known", [])},
+                   marginal=int(d.get("marginal", 0)),
+                   marginal_examples=list(d.get("marginal_examples", [])),
+                   best_headroom=float(from_json_safe(d.get("best_headroom", "inf"))),
+                   best_float16_headroom=float(
+                       from_json_safe(d.get("best_float16_headroom", "inf"))))
 
 
 @dataclass
@@ -98,6 +155,7 @@ class PolicySummary:
     best_headroom: float = math.inf  # lowest content headroom among finite verdicts
     peak: Verdict | None = None  # what to plot: first finding, else nearest miss
     bos_modes: list[bool] = field(default_factory=list)
+    modes: dict[str, ModeCounts] = field(default_factory=dict)  # by mode_name(add_bos)
 
     @classmethod
     def for_policy(cls, name: str, bos_modes: Sequence[bool] = ()) -> PolicySummary:
@@ -109,17 +167,33 @@ class PolicySummary:
         return cls(policy=policy.name, dtype=str(policy.dtype).removeprefix("torch."),
                    expected_safe=policy.expected_safe, bos_modes=list(bos_modes))
 
-    def observe(self, verdict: Verdict, keep: int = NEAREST_MISSES) -> None:
-        """Counts one example; a finite one may become a nearest miss."""
+    def mode(self, add_bos: bool) -> ModeCounts:
+        if add_bos not in self.bos_modes:
+            self.bos_modes.append(add_bos)
+        return self.modes.setdefault(mode_name(add_bos), ModeCounts())
+
+    def observe(self, verdict: Verdict, signature: Sequence[Any] | None = None,
+                new: bool = False, keep: int = NEAREST_MISSES) -> None:
+        """Counts one example: a non-finite one under its signature when that is known, a
+        finite one may become a nearest miss."""
         self.examples += 1
-        if verdict.add_bos not in self.bos_modes:
-            self.bos_modes.append(verdict.add_bos)
+        counts = self.mode(verdict.add_bos)
+        counts.examples += 1
+        if verdict.nonfinite:
+            counts.nonfinite += 1
+            if signature is not None and not new:
+                counts.known[tuple(signature)] = counts.known.get(tuple(signature), 0) + 1
+            return
         if not verdict.finite:
+            counts.inconclusive += 1
             return
         # Content headroom: position 0 with BOS is the shared attention sink (docs/NUMERICS.md), so
         # it says nothing about how close *this prompt* came to overflowing.
         headroom = verdict.min_headroom(content_only=True)
         self.best_headroom = min(self.best_headroom, headroom)
+        counts.best_headroom = min(counts.best_headroom, headroom)
+        counts.best_float16_headroom = min(counts.best_float16_headroom,
+                                           verdict.float16_headroom())
         full = len(self.nearest_misses) >= keep
         if full and headroom >= self.nearest_misses[-1].min_headroom(content_only=True):
             return  # the common case in a long run: no sort, no table walk per kept verdict
@@ -131,10 +205,23 @@ class PolicySummary:
         if not self.findings:
             self.peak = self.nearest_misses[0]
 
+    def observe_marginal(self, verdict: Verdict, where: str) -> None:
+        """A new failure below the margin a case needs: counted once per distinct prompt."""
+        counts = self.mode(verdict.add_bos)
+        if verdict.prompt in counts._marginal_seen:
+            return
+        counts._marginal_seen.add(verdict.prompt)
+        counts.marginal += 1
+        if len(counts.marginal_examples) < MAX_MARGINAL_EXAMPLES:
+            counts.marginal_examples.append({"prompt": verdict.prompt, "add_bos": verdict.add_bos,
+                                             "margin": verdict.margin, "where": where})
+
     def add_finding(self, verdict: Verdict, status: str, case_path: str | Path | None,
-                    signature: Sequence[Any], how: str = "shrunk") -> Finding:
+                    signature: Sequence[Any], how: str = "shrunk",
+                    margin: dict[str, Any] | None = None,
+                    robustness: dict[str, Any] | None = None) -> Finding:
         finding = Finding(verdict, status, None if case_path is None else str(case_path),
-                          tuple(signature), how=how)
+                          tuple(signature), how=how, margin=margin, robustness=robustness)
         self.findings.append(finding)
         if verdict.add_bos not in self.bos_modes:
             self.bos_modes.append(verdict.add_bos)
@@ -148,7 +235,16 @@ class PolicySummary:
 
     @property
     def known_findings(self) -> int:
-        return len(self.findings) - self.new_findings
+        return sum(f.status in ("known-signature", "duplicate-file") for f in self.findings)
+
+    @property
+    def marginal_findings(self) -> int:
+        return sum(f.is_marginal for f in self.findings)
+
+    @property
+    def nonfinite(self) -> int:
+        """Examples that went non-finite, in every BOS mode."""
+        return sum(c.nonfinite for c in self.modes.values())
 
     def plotted(self) -> Verdict | None:
         """The verdict to plot (peak, else the first finding, else the nearest miss)."""
@@ -162,10 +258,11 @@ class PolicySummary:
         return {
             "policy": self.policy, "dtype": self.dtype, "expected_safe": self.expected_safe,
             "examples": self.examples, "findings": [f.to_dict() for f in self.findings],
-            "nearest_misses": [_verdict_to_dict(v) for v in self.nearest_misses],
+            "nearest_misses": [verdict_to_dict(v) for v in self.nearest_misses],
             "best_headroom": self.best_headroom,
-            "peak": _verdict_to_dict(self.peak) if self.peak is not None else None,
+            "peak": verdict_to_dict(self.peak) if self.peak is not None else None,
             "bos_modes": list(self.bos_modes),
+            "modes": {name: counts.to_dict() for name, counts in self.modes.items()},
         }
 
     @classmethod
@@ -173,13 +270,14 @@ class PolicySummary:
         where = f"policy {d.get('policy', '?')!r}"
         peak = d.get("peak")
         return cls(
-            policy=_need(d, "policy", "policy summary"), dtype=_need(d, "dtype", where),
-            expected_safe=_need(d, "expected_safe", where), examples=_need(d, "examples", where),
-            findings=[Finding.from_dict(f) for f in _need(d, "findings", where)],
-            nearest_misses=[_verdict_from_dict(v) for v in d.get("nearest_misses", [])],
+            policy=need(d, "policy", "policy summary"), dtype=need(d, "dtype", where),
+            expected_safe=need(d, "expected_safe", where), examples=need(d, "examples", where),
+            findings=[Finding.from_dict(f) for f in need(d, "findings", where)],
+            nearest_misses=[verdict_from_dict(v) for v in d.get("nearest_misses", [])],
             best_headroom=float(from_json_safe(d.get("best_headroom", "inf"))),
-            peak=_verdict_from_dict(peak) if peak is not None else None,
+            peak=verdict_from_dict(peak) if peak is not None else None,
             bos_modes=list(d.get("bos_modes", [])),
+            modes={name: ModeCounts.from_dict(c) for name, c in d.get("modes", {}).items()},
         )
 
 
@@ -201,9 +299,15 @@ class RunSummary:
     policies: list[PolicySummary]
     corpus_dir: str
     started: str  # ISO 8601
-    command: str | None = None  # the command line as run (shown as the way to reproduce)
+    # the command line as typed (sys.argv), kept for the record; the report's "How to reproduce"
+    # is built from the fields instead (fuzz.report.commands): this lacks a seed drawn at random
+    command: str | None = None
     error: str | None = None  # the error message when stopped == 'error'
     engine: str = "builtin"
+    # `fuzz run` options that change what is screened; None in a report written before they
+    # were recorded (the reproduce command then leaves them out rather than guess them)
+    batch_size: int | None = None
+    round_examples: int | None = None
 
     def __post_init__(self) -> None:
         if self.stopped not in STOP_REASONS:
@@ -245,46 +349,14 @@ class RunSummary:
                              f"a RunSummary has {', '.join(sorted(known))}")
         values = dict(d)
         values["policies"] = [PolicySummary.from_dict(p)
-                              for p in _need(d, "policies", "report")]
+                              for p in need(d, "policies", "report")]
         for key in ("budget_s", "elapsed_s"):
-            values[key] = float(from_json_safe(_need(d, key, "report")))
+            values[key] = float(from_json_safe(need(d, key, "report")))
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.name not in values and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"report JSON lacks key(s) {', '.join(map(repr, missing))}")
         return cls(**values)
-
-
-def _need(d: dict[str, Any], key: str, where: str) -> Any:
-    try:
-        return d[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"report JSON: {where} lacks key {key!r}") from None
-
-
-def _verdict_to_dict(verdict: Verdict) -> dict[str, Any]:
-    """Verdict.to_dict without the derived headroom table (a quarter of the file's size;
-    Verdict.headroom() recomputes it from max_abs and limits)."""
-    d = verdict.to_dict()
-    d.pop("headroom", None)
-    return d
-
-
-def _verdict_from_dict(d: dict[str, Any]) -> Verdict:
-    """Verdict.from_dict plus json_safe's inverse on the numeric fields only (a prompt or a
-    generated text that reads "inf" must stay a string)."""
-    d = dict(d)
-    for key in ("max_abs", "content_max_abs", "limits"):
-        if key in d:
-            d[key] = from_json_safe(d[key])
-    nf = d.get("first_nonfinite")
-    if nf is not None and nf.get("terms") is not None:
-        d["first_nonfinite"] = {**nf, "terms": [float(from_json_safe(t)) for t in nf["terms"]]}
-    try:
-        return Verdict.from_dict(d)
-    except TypeError as exc:
-        raise ValueError(f"report JSON: a verdict does not fit fuzz.verdict.Verdict ({exc})"
-                         ) from None
 
 
 def unique_misses(p: PolicySummary) -> list[Verdict]:

@@ -17,8 +17,8 @@ from typing import Any
 
 from ..atomic import write_atomic
 from ..verdict import Verdict
+from .describe import describe_where, fmt_value, nonfinite_layer_label, num_layers, prompt_literal
 from .model import DTYPE_MAX, RunSummary
-from .text import describe_where, fmt_value, nonfinite_layer_label, num_layers, prompt_literal
 
 # Site groups drawn as one line each (max over the group's sites at each layer). Names are those
 # the engine records (fuzz.engine.model.LAYER_SITES, plus embedding, final_norm and logits).
@@ -124,7 +124,7 @@ def plot_text(text: str, limit: int = 60) -> str:
 
 
 def default_title(verdict: Verdict) -> str:
-    state = "finite" if verdict.finite else "non-finite"
+    state = {"nonfinite": "non-finite"}.get(verdict.status, verdict.status)
     return (f"{verdict.policy}: {plot_text(verdict.prompt)} "
             f"({'BOS' if verdict.add_bos else 'no BOS'}, {state})")
 

@@ -1,216 +1,180 @@
-"""Text pieces shared by the markdown and HTML reports (and the plots' labels).
+"""The report's wording, shared by the markdown and HTML reports.
 
-Number formats (activation magnitudes, headroom, durations), a prompt as a literal, one-line shell
-quoting, a verdict's first non-finite value and overflowing terms in words, a corpus signature in
-words, the commands that reproduce a run or a finding, and a policy's status. Each returns plain
-text; the renderers escape it for their own format.
+Each policy's counts per BOS mode and its status, the totals line, a finding's facts, the known
+signatures hit, the marginal prompts, the nearest misses and the fixed sentences. Each returns
+plain text; markdown.py and html.py lay out the same content and add only their markup (and
+escaping), so the two files cannot drift apart in wording. The pieces below a report (numbers,
+prompts, a verdict or a signature in words) are describe.py's; the commands that reproduce a run
+or a finding are commands.py's.
 
-The last section is the report's wording itself (the totals line, a policy's counts, a finding's
-facts, the nearest-miss rows, the fixed sentences): markdown.py and html.py lay out the same
-content and add only their markup.
+What a status says is only what was counted: a policy with any non-finite example is never called
+finite, whether or not a finding came of it (hits on known signatures are not saved again, but
+they happened).
 """
 from __future__ import annotations
 
-import math
-import shlex
-from collections.abc import Iterable, Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from ..verdict import NonFinite, Verdict, layer_label
-from .model import DTYPE_MAX, Finding, PolicySummary, RunSummary, unique_misses
+from .commands import check_command
+from .describe import (
+    bos_text,
+    bounds_text,
+    describe_nonfinite,
+    describe_terms,
+    describe_where,
+    fmt_duration,
+    fmt_headroom,
+    fmt_ratio,
+    margin_text,
+    min_headroom_site,
+    num_layers,
+    plural,
+    prompt_literal,
+    robustness_text,
+    signature_text,
+    variations_text,
+)
+from .model import Finding, ModeCounts, PolicySummary, RunSummary, mode_name, unique_misses
 
-
-def fmt_value(x: float) -> str:
-    """Activation magnitudes: integers as integers (55008), huge/tiny ones in e-notation."""
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x != 0 and (abs(x) >= 1e7 or abs(x) < 1e-3):
-        return f"{x:.4g}"
-    if x == int(x):
-        return str(int(x))
-    return f"{x:.4g}"
-
-
-def fmt_headroom(h: float) -> str:
-    if math.isinf(h):
-        return "inf"
-    return f"{h:.3g}"
-
-
-def fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return str(seconds)
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h {m:02d}m {s:02d}s"
-    return f"{m}m {s:02d}s" if m else f"{s}s"
+# --------------------------------------------------------------------------- counts and status
 
 
-def prompt_literal(prompt: str) -> str:
-    """repr(): newlines, tabs and control characters visible as escapes, quotes delimit it."""
-    return repr(prompt)
+@dataclass(frozen=True)
+class Tally:
+    """What a policy (or one BOS mode of it) saw, as the report counts it."""
+
+    examples: int
+    nonfinite: int  # under any signature
+    known: int  # of those, under a signature already in the corpus
+    inconclusive: int
+    new: int  # findings saved as new cases
+    marginal: int  # marginal findings plus marginal prompts: failed, not saved
+    finite: int  # examples that ended finite
+    headroom: float  # best content headroom, against `against`'s limit
+    against: str | None  # "float16" for a wider dtype; None: the policy's own dtype
+    # False for a report written before non-finite examples were counted: only its findings
+    # are known to have failed, so the wording says "at least" and never "finite"
+    counted: bool = True
 
 
-def shell_quote(text: str) -> str:
-    """Quote for bash on one line: shlex for printable text, $'...' when it holds control chars
-    (a newline inside '...' would split the command across lines in a log)."""
-    if text.isprintable():
-        return shlex.quote(text)
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == "'":
-            out.append("\\'")
-        elif ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x100:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) < 0x10000:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    return "$'" + "".join(out) + "'"
+def _tally(p: PolicySummary, counts: ModeCounts, findings: list[Finding],
+           counted: bool = True) -> Tally:
+    # Every finding was screened as a non-finite example; a summary filled by hand (or an older
+    # one) may lack the counts, and a finding must never read as "finite".
+    nonfinite = max(counts.nonfinite, len(findings))
+    examples = max(counts.examples, nonfinite)
+    # float32's and bfloat16's own limit (~3.4e38) is never near: what tells the reader something
+    # is whether the same run would survive in float16 (counted only since per-mode counts).
+    wide = p.dtype != "float16" and counted
+    return Tally(examples=examples, nonfinite=nonfinite, known=sum(counts.known.values()),
+                 inconclusive=counts.inconclusive, new=sum(f.is_new for f in findings),
+                 marginal=counts.marginal + sum(f.is_marginal for f in findings),
+                 finite=examples - nonfinite - counts.inconclusive,
+                 headroom=counts.best_float16_headroom if wide else counts.best_headroom,
+                 against="float16" if wide else (None if p.dtype == "float16" else p.dtype),
+                 counted=counted)
 
 
-def num_layers(verdict: Verdict) -> int:
-    """Decoder layers in the verdict's table (labels '0'..'L-1')."""
-    numeric = [int(k) for k in verdict.max_abs if k.isdigit()]
-    return max(numeric) + 1 if numeric else 0
+def mode_tallies(p: PolicySummary) -> list[tuple[str, Tally]]:
+    """(BOS mode in words, its tally) for each mode the policy ran, in run order."""
+    if not p.modes and p.examples:  # a report written before per-mode counts: one row
+        legacy = _tally(p, ModeCounts(examples=p.examples, best_headroom=p.best_headroom),
+                        p.findings, counted=False)
+        if not p.nearest_misses:  # observe() keeps a nearest miss whenever one ended finite
+            legacy = dataclasses.replace(legacy, finite=0)
+        modes = ", ".join("on" if m else "off" for m in p.bos_modes) or "none"
+        return [(f"{modes} (not counted per mode)", legacy)]
+    if not p.bos_modes:
+        return [("none", _tally(p, ModeCounts(), p.findings))]
+    return [("on" if bos else "off",
+             _tally(p, p.modes.get(mode_name(bos), ModeCounts()),
+                    [f for f in p.findings if f.verdict.add_bos == bos]))
+            for bos in p.bos_modes]
 
 
-def nonfinite_layer_label(verdict: Verdict) -> str:
-    assert verdict.first_nonfinite is not None
-    return layer_label(verdict.first_nonfinite.layer, num_layers(verdict))
+def policy_tally(p: PolicySummary) -> Tally:
+    tallies = [t for _, t in mode_tallies(p)]
+    return Tally(*(sum(getattr(t, name) for t in tallies) for name in
+                   ("examples", "nonfinite", "known", "inconclusive", "new", "marginal",
+                    "finite")),
+                 headroom=min(t.headroom for t in tallies), against=tallies[0].against,
+                 counted=all(t.counted for t in tallies))
 
 
-def describe_position(verdict: Verdict, nf: NonFinite) -> str:
-    bos = " (BOS)" if verdict.add_bos and nf.position == 0 else ""
-    return f"position {nf.position}{bos}, token id {nf.token_id}"
+def _known_note(t: Tally) -> str:
+    if t.known and t.known == t.nonfinite:
+        return " (all under known signatures)"
+    return f" ({t.known} under known signatures)" if t.known else ""
 
 
-def describe_step(step: int) -> str:
-    return "step 0 (prefill)" if step == 0 else f"step {step} (decode)"
-
-
-def describe_nonfinite(verdict: Verdict) -> str:
-    """'inf at step 0 (prefill), layer 7, site residual_mlp, position 0 (BOS), token id 2'."""
-    nf = verdict.first_nonfinite
-    assert nf is not None
-    layer = nonfinite_layer_label(verdict)
-    layer_text = layer if layer in ("embedding", "head") else f"layer {layer}"
-    return (f"{nf.kind} at {describe_step(nf.step)}, {layer_text}, site {nf.site}, "
-            f"{describe_position(verdict, nf)}")
-
-
-def site_limit(verdict: Verdict, layer: str, site: str, dtype: str | None = None) -> float:
-    limit = verdict.limits.get(f"{layer}/{site}")
-    if limit is None and dtype is not None:
-        limit = DTYPE_MAX.get(dtype)
-    return math.nan if limit is None else float(limit)
-
-
-def describe_terms(verdict: Verdict, dtype: str | None = None) -> str | None:
-    """'channel 163: 55008 + 13376 = 68384 > 65504', or None when the probe found no channel."""
-    nf = verdict.first_nonfinite
-    if nf is None or nf.channel is None:
-        return None
-    text = f"channel {nf.channel}"
-    if nf.terms is None:
-        return text
-    a, b = nf.terms
-    total = a + b
-    b_text = fmt_value(b) if b >= 0 else f"({fmt_value(b)})"
-    text += f": {fmt_value(a)} + {b_text} = {fmt_value(total)}"
-    limit = site_limit(verdict, nonfinite_layer_label(verdict), nf.site, dtype)
-    if not math.isnan(limit):
-        text += f" > {fmt_value(limit)}" if total >= 0 else f" < -{fmt_value(limit)}"
-    return text
-
-
-def min_headroom_site(verdict: Verdict, content_only: bool = True) -> tuple[str, str] | None:
-    """(layer label, site) where the headroom is smallest."""
-    best: tuple[float, str, str] | None = None
-    for layer, sites in verdict.headroom(content_only).items():
-        for site, h in sites.items():
-            if best is None or h < best[0]:
-                best = (h, layer, site)
-    return None if best is None else (best[1], best[2])
-
-
-def describe_where(layer: str, site: str) -> str:
-    return site if layer in ("embedding", "head") else f"layer {layer} {site}"
-
-
-def bos_text(add_bos: bool) -> str:
-    return "BOS on" if add_bos else "BOS off (--no-bos)"
-
-
-def signature_text(signature: Sequence[Any], layers: int) -> str:
-    """A fuzz.corpus signature in words: 'layer 7 residual_mlp at the BOS position, BOS on'."""
-    if len(signature) != 6:
-        return " / ".join(map(str, signature))
-    _, _, add_bos, layer, site, where = signature
-    place = "the BOS position" if where == "bos" else "a content position"
-    where_text = describe_where(layer_label(int(layer), layers), site)
-    return f"{where_text} at {place}, {'BOS on' if add_bos else 'BOS off'}"
-
-
-def check_command(summary: RunSummary, verdict: Verdict) -> str:
-    parts = ["python", "-m", "fuzz", "check", "--model", shlex.quote(summary.model),
-             "--policy", shlex.quote(verdict.policy), "--prompt", shell_quote(verdict.prompt)]
-    if not verdict.add_bos:
-        parts.append("--no-bos")
-    if "max_new_tokens" in summary.bounds:
-        parts += ["--max-new-tokens", str(summary.bounds["max_new_tokens"])]
-    if summary.engine != "builtin":
-        parts += ["--engine", shlex.quote(summary.engine)]
-    return " ".join(parts + ["--json"])
-
-
-def run_command(summary: RunSummary) -> str:
-    """The command that ran (as the CLI recorded it), else one rebuilt from the summary."""
-    if summary.command:
-        return summary.command
-    policies = ",".join(p.policy for p in summary.policies)
-    parts = ["python", "-m", "fuzz", "run", "--model", shlex.quote(summary.model),
-             "--policies", shlex.quote(policies), "--budget", f"{int(round(summary.budget_s))}s",
-             "--seed", str(summary.seed), "--corpus", shlex.quote(summary.corpus_dir)]
-    for key in ("max_new_tokens", "max_prompt_tokens"):
-        if key in summary.bounds:
-            parts += ["--" + key.replace("_", "-"), str(summary.bounds[key])]
-    modes = {m for p in summary.policies for m in p.bos_modes}
-    if modes == {False}:
-        parts.append("--no-bos")
-    if summary.engine != "builtin":
-        parts += ["--engine", shlex.quote(summary.engine)]
-    return " ".join(parts)
-
-
-def replay_command(summary: RunSummary) -> str:
-    return (f"python -m fuzz replay --corpus {shlex.quote(summary.corpus_dir)} "
-            f"--model {shlex.quote(summary.model)}")
-
-
-def policy_status(p: PolicySummary) -> str:
-    """One word for the summary table; a declared-safe policy that failed is the alarm."""
-    if p.findings and p.expected_safe:
-        return "REGRESSION: declared safe, produced NaN/Inf"
-    if p.findings:
-        return "fails (as declared)"
-    if p.examples == 0:
+def status_words(expected_safe: bool, t: Tally) -> str:
+    """The status of a policy or a mode: any non-finite example is said, and is the alarm
+    under a policy declared safe whether or not a finding was saved."""
+    failed = f"{'' if t.counted else 'at least '}{t.nonfinite} of {plural(t.examples, 'example')}"
+    if t.nonfinite and expected_safe:
+        return f"REGRESSION: declared safe, produced NaN/Inf on {failed}{_known_note(t)}"
+    if t.nonfinite:
+        return f"non-finite on {failed}{_known_note(t)}"
+    if t.examples == 0:
         return "not run"
+    if not t.counted:
+        return "no finding (this older report did not count non-finite examples)"
+    if t.inconclusive:
+        return (f"finite on every conclusive example ({t.inconclusive} inconclusive: stopped by "
+                "the time limit)")
     return "finite on every example"
 
 
-def best_headroom_text(p: PolicySummary) -> str:
-    if not math.isfinite(p.best_headroom) and not p.nearest_misses:
+def policy_status(p: PolicySummary) -> str:
+    return status_words(p.expected_safe, policy_tally(p))
+
+
+def tone(expected_safe: bool, t: Tally) -> str:
+    """'alarm' (declared safe, non-finite), 'ok' (screened and finite) or '' (as declared)."""
+    if t.nonfinite:
+        return "alarm" if expected_safe else ""
+    return "ok" if t.examples else ""
+
+
+def headroom_text(t: Tally) -> str:
+    if not t.finite:
         return "n/a (no finite example)"
-    return fmt_headroom(p.best_headroom)
+    return fmt_headroom(t.headroom) + (f" (vs {t.against})" if t.against else "")
+
+
+def best_headroom_text(p: PolicySummary) -> str:
+    return headroom_text(policy_tally(p))
+
+
+POLICY_COLUMNS = ("policy", "dtype", "declared safe", "BOS", "examples", "non-finite",
+                  "under known signatures", "new findings", "marginal", "inconclusive",
+                  "best content headroom", "status")
+NUMERIC_COLUMNS = frozenset({"examples", "non-finite", "under known signatures", "new findings",
+                             "marginal", "inconclusive", "best content headroom"})
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    cells: tuple[str, ...]  # one per POLICY_COLUMNS entry
+    tone: str  # see tone()
+
+
+def policy_rows(s: RunSummary) -> list[PolicyRow]:
+    """The policies table: one row per (policy, BOS mode)."""
+    rows = []
+    for p in s.policies:
+        for bos, t in mode_tallies(p):
+            rows.append(PolicyRow(
+                (p.policy, p.dtype, "yes" if p.expected_safe else "no", bos, str(t.examples),
+                 str(t.nonfinite), str(t.known), str(t.new), str(t.marginal),
+                 str(t.inconclusive), headroom_text(t), status_words(p.expected_safe, t)),
+                tone(p.expected_safe, t)))
+    return rows
+
+
+# --------------------------------------------------------------------------- findings
 
 
 def group_findings(findings: Iterable[Finding]) -> list[tuple[Finding, int]]:
@@ -225,10 +189,6 @@ def group_findings(findings: Iterable[Finding]) -> list[tuple[Finding, int]]:
     return out
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def also_hit(count: int) -> str:
     """Findings are bucketed by signature: say how many others fell in the same bucket."""
     return f"; {plural(count - 1, 'more example')} hit this signature" if count > 1 else ""
@@ -237,11 +197,19 @@ def also_hit(count: int) -> str:
 def status_text(f: Finding) -> str:
     return {"saved": "new, saved to the corpus",
             "known-signature": "known signature (already in the corpus, not saved again)",
-            "duplicate-file": "already in the corpus (same case file)"}[f.status]
+            "duplicate-file": "already in the corpus (same case file)",
+            "marginal": "marginal: failed here, but not a regression case every machine would "
+                        "reproduce (see Robustness); not saved"}[f.status]
 
 
-def bounds_text(bounds: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in bounds.items()) or "defaults"
+def finding_margin(f: Finding) -> dict | None:
+    """The margin measured for the finding, else what its verdict's unrounded sum gives."""
+    if f.margin:
+        return f.margin
+    v, first = f.verdict, f.verdict.first_nonfinite
+    if v.margin is None or first is None:
+        return None
+    return {"limit": v.limit, "unrounded": first.unrounded, "ratio": v.margin}
 
 
 def header_facts(s: RunSummary) -> list[tuple[str, str]]:
@@ -258,14 +226,25 @@ def header_facts(s: RunSummary) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- report content
-# What the markdown and the HTML report both say, as plain text: the two renderers add only their
-# markup (and escaping), so the two files cannot drift apart in wording.
 
 # Header facts whose value is a name or a path: shown as code.
 CODE_FACTS = frozenset({"Model", "Fingerprint", "Corpus"})
+# Fixed sentences: plain text without markup characters (html.py escapes them all the same).
 HEADROOM_NOTE = ("Headroom is the dtype's largest finite value divided by the largest |x| seen "
                  "(below 1 means overflow), over content positions (the BOS attention sink "
-                 "excluded).")
+                 "excluded). For float32 and bfloat16 policies it is measured against float16's "
+                 "65504 instead (vs float16): would the same run survive in float16? Their own "
+                 "limit, about 3.4e38, is never near.")
+COUNTS_NOTE = ("Counts are screened examples, Hypothesis's replays and shrink candidates "
+               "included, not distinct prompts; marginal counts distinct prompts that failed "
+               "below the margin a regression case needs, or not under every kernel variation "
+               "(reported, not saved).")
+REPRODUCE_NOTE = ("The seed fixes which prompts are drawn in which order; the budget is wall "
+                  "time, so a faster or slower machine screens more or fewer of them, and the "
+                  "Hypothesis database (--database) replays what earlier runs stored in it.")
+KNOWN_TITLE = "Non-finite under known signatures (already in the corpus, not saved again)"
+MARGINAL_TITLE = ("Marginal prompts (new failures below the margin a regression case needs: "
+                  "not shrunk, not saved)")
 MISSES_TITLE = "Nearest misses (finite, lowest content headroom)"
 NO_FINITE_EXAMPLE = "No finite example to report."
 
@@ -274,25 +253,79 @@ NO_FINITE_EXAMPLE = "No finite example to report."
 Segment = tuple[str, bool]
 
 
+def model_layers(s: RunSummary) -> int:
+    """Decoder layers of the run's model, from any verdict it kept (0 when it kept none)."""
+    verdicts = [v for p in s.policies for v in
+                [*(f.verdict for f in p.findings), *p.nearest_misses, p.peak] if v is not None]
+    return max((num_layers(v) for v in verdicts), default=0)
+
+
 def findings_total(s: RunSummary) -> str:
-    """'3 findings, 1 new.'"""
-    new = sum(p.new_findings for p in s.policies)
-    return f"{plural(len(s.findings), 'finding')}, {new} new."
+    """'573 examples screened, 412 non-finite (412 under known signatures); 0 findings: ...'"""
+    t = [policy_tally(p) for p in s.policies]
+    examples, nonfinite = sum(x.examples for x in t), sum(x.nonfinite for x in t)
+    marginal = sum(p.marginal_findings for p in s.policies)
+    text = (f"{plural(examples, 'example')} screened, {nonfinite} non-finite "
+            f"({sum(x.known for x in t)} under known signatures); "
+            f"{plural(len(s.findings), 'finding')}: {sum(p.new_findings for p in s.policies)} "
+            f"new (saved), {marginal} marginal (not saved).")
+    broken = [p.policy for p, x in zip(s.policies, t) if p.expected_safe and x.nonfinite]
+    if broken:
+        text += f" REGRESSION: declared safe, produced NaN/Inf: {', '.join(broken)}."
+    return text
 
 
 def safety_text(p: PolicySummary) -> str:
     return "declared safe" if p.expected_safe else "declared unsafe"
 
 
-def policy_counts(p: PolicySummary) -> str:
-    """'40 examples (BOS on); 2 findings: 1 new, 1 known.'"""
-    modes = ", ".join(bos_text(m) for m in p.bos_modes) or "none"
-    return (f"{plural(p.examples, 'example')} ({modes}); {plural(len(p.findings), 'finding')}: "
-            f"{p.new_findings} new, {p.known_findings} known.")
+def policy_counts(p: PolicySummary) -> list[str]:
+    """A policy section's opening sentences: its status, its counts, its best headroom."""
+    t = policy_tally(p)
+    modes = " and ".join("on" if m else "off" for m in p.bos_modes) or "not run"
+    return [f"Status: {policy_status(p)}.",
+            f"{plural(t.examples, 'example')} (BOS {modes}): {t.nonfinite} non-finite ({t.known} "
+            f"under known signatures), {t.inconclusive} inconclusive. "
+            f"{plural(len(p.findings), 'finding')}: {p.new_findings} new (saved), "
+            f"{p.known_findings} already in the corpus, {p.marginal_findings} marginal "
+            f"(not saved).",
+            f"Best content headroom: {headroom_text(t)}."]
+
+
+def known_rows(s: RunSummary, p: PolicySummary) -> list[str]:
+    """'layer 7 residual_mlp at the BOS position, BOS on: 412 examples', most examples first."""
+    hits: dict[tuple, int] = {}
+    for counts in p.modes.values():
+        for sig, n in counts.known.items():
+            hits[sig] = hits.get(sig, 0) + n
+    layers = model_layers(s)
+    return [f"{signature_text(sig, layers)}: {plural(n, 'example')}"
+            for sig, n in sorted(hits.items(), key=lambda kv: -kv[1])]
+
+
+def marginal_rows(p: PolicySummary) -> list[tuple[str, str, str]]:
+    """(margin and where, prompt literal, BOS) for each marginal prompt the summary kept."""
+    rows = []
+    for counts in p.modes.values():
+        for ex in counts.marginal_examples:
+            margin = ex.get("margin")
+            text = ("margin not measured" if margin is None
+                    else f"margin {fmt_ratio(margin)} x the limit")
+            where = ex.get("where") or ""
+            rows.append((text + (f" at {where}" if where else ""),
+                         prompt_literal(ex.get("prompt", "")), bos_text(bool(ex.get("add_bos")))))
+    return rows
+
+
+def marginal_more(p: PolicySummary) -> str | None:
+    """How many marginal prompts were counted but not kept as examples."""
+    more = sum(c.marginal - len(c.marginal_examples) for c in p.modes.values())
+    return f"… and {plural(more, 'more marginal prompt')}." if more > 0 else None
 
 
 def finding_heading(f: Finding, i: int) -> str:
-    return f"Finding {i}: {signature_text(f.signature, num_layers(f.verdict))}"
+    marginal = " (marginal, not saved)" if f.is_marginal else ""
+    return f"Finding {i}: {signature_text(f.signature, num_layers(f.verdict))}{marginal}"
 
 
 def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
@@ -302,12 +335,14 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
     empty = " (empty: BOS alone)" if v.prompt == "" else ""
     facts = [("Status", [(status_text(f) + also_hit(count), False)]),
              ("Prompt", [(prompt_literal(v.prompt), True),
-                         (f"{empty} ({len(v.prompt_ids)} tokens)", False)]),
+                         (f"{empty} ({plural(len(v.prompt_ids), 'token')})", False)]),
              ("BOS", [("on" if v.add_bos else "off", False)]),
              ("First non-finite", [(describe_nonfinite(v), False)])]
-    terms = describe_terms(v, p.dtype)
-    if terms:
-        facts.append(("Overflow", [(terms, False)]))
+    optional = [("Overflow", describe_terms(v, p.dtype)),
+                ("Margin", margin_text(finding_margin(f))),
+                ("Robustness", robustness_text(f.robustness)),
+                ("Variations", variations_text(f.robustness))]
+    facts += [(label, [(value, False)]) for label, value in optional if value]
     if f.case_path:
         facts.append(("Case file", [(f.case_path, True)]))
     facts.append(("Reproduce", [(check_command(s, v), True)]))
@@ -315,11 +350,13 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
 
 
 def miss_rows(p: PolicySummary) -> list[tuple[str, str, str, str]]:
-    """(headroom, where or '', prompt literal, BOS) for each nearest miss, each example once."""
+    """(headroom, where or '', prompt literal, BOS) for each nearest miss, each example once;
+    a wider dtype's headroom against float16, as in the policies table."""
     rows = []
     for v in unique_misses(p):
         where = min_headroom_site(v)
-        rows.append((fmt_headroom(v.min_headroom(content_only=True)),
-                     describe_where(*where) if where else "", prompt_literal(v.prompt),
+        headroom = (fmt_headroom(v.min_headroom(content_only=True)) if p.dtype == "float16"
+                    else f"{fmt_headroom(v.float16_headroom())} (vs float16)")
+        rows.append((headroom, describe_where(*where) if where else "", prompt_literal(v.prompt),
                      bos_text(v.add_bos)))
     return rows
