@@ -5,8 +5,11 @@ command as the reason, where it is not installed.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from fuzz.corpus import Corpus
 from fuzz.engine.zoo import is_installed, load_model
 from fuzz.generate import Bounds, PromptSpec
 from fuzz.session import Session
@@ -18,6 +21,7 @@ pytestmark = [
 ]
 
 PROMPTS = ["The capital of France is", "with 7 billion parameters", "x = 3.14159", ""]
+CORPUS = Corpus(Path(__file__).resolve().parent.parent / "corpus")
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +63,20 @@ def test_float32_and_bfloat16_stay_finite_and_agree_on_the_first_token(session):
     assert f32[0].max_abs["7"]["residual_mlp"] > 65504
 
 
+def committed_nobos_prompts(prefill: bool) -> list[str]:
+    """The committed no-BOS float16 cases that fail in the prefill (or only after decode steps):
+    prompts that hold on every machine (their margins and variations are in the case files)."""
+    cases = [lc.case for lc in CORPUS.cases("gemma3-270m")
+             if not lc.case.add_bos and lc.case.policy == "float16"]
+    return [c.prompt for c in cases if (c.first_nonfinite.step == 0) == prefill]
+
+
 def test_without_bos_float16_depends_on_the_prompt(session):
-    overflow_now = PromptSpec("0 0 batch size tention ", add_bos=False)  # from corpus/
-    overflow_later = PromptSpec("30 00:47 000.135", add_bos=False)  # from corpus/
-    fine = PromptSpec("Hello", add_bos=False)
+    now_prompts, later_prompts = committed_nobos_prompts(True), committed_nobos_prompts(False)
+    assert now_prompts and later_prompts, "corpus/ keeps prefill and decode-step cases"
     bounds = Bounds(max_new_tokens=16)
-    now, later, ok = (session.run([s], "float16", bounds)[0]
-                      for s in (overflow_now, overflow_later, fine))
+    specs = [PromptSpec(p, add_bos=False) for p in (now_prompts[0], later_prompts[0], "Hello")]
+    now, later, ok = session.run(specs, "float16", bounds)
     assert ok.finite
     assert now.first_nonfinite.step == 0 and now.first_nonfinite.position > 0
     assert later.first_nonfinite.step > 0  # only after several decode steps
@@ -74,7 +85,7 @@ def test_without_bos_float16_depends_on_the_prompt(session):
 
 @pytest.mark.parametrize("policy", ["float16-clamp", "float16-fp32-residual"])
 def test_mitigations_stay_finite_where_plain_float16_breaks(session, policy):
-    specs = [PromptSpec("The capital of France is"),
-             PromptSpec("0 0 batch size tention ", add_bos=False),
-             PromptSpec("30 00:47 000.135", add_bos=False)]
+    specs = [PromptSpec("The capital of France is")] + [
+        PromptSpec(p, add_bos=False)
+        for p in committed_nobos_prompts(True)[:1] + committed_nobos_prompts(False)[:1]]
     assert all(v.finite for v in session.run(specs, policy, Bounds(max_new_tokens=16)))
