@@ -6,20 +6,17 @@ its minimal triggers are the prompts of exactly RUN digits. Random prompts rarel
 while max |x| grows with every digit in the window (headroom is a gradient).
 
 For each RUN and each of SEEDS seeds, each searcher starts cold (empty corpus, a fresh example
-database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 120-example
-rounds (`fuzz run`'s defaults for an unsafe policy: 40 x UNSAFE_ROUND_FACTOR) until its first
-finding or its budget:
-  random    Hypothesis generation only: fuzz.search.Search with `target()` disabled (no
-            observations, so Hypothesis's target phase has nothing to climb);
-  targeted  fuzz.search.Search as `fuzz run` uses it (target() on -log2(headroom)), alone;
-  fuzz-run  targeted plus `fuzz run`'s mutation stage after each round (fuzz.run's
-            FuzzJob._mutation_stage: fuzz.search.mutate_nearest, single edits of the nearest
-            misses, a batch at a time while batches keep finding): the suite's default search;
-  steered   a prototype (this file only): targeted, plus each round draws half its prompts as
-            1-3 stacked text mutations (delete, duplicate, repeat, splice) of the nearest misses
-            so far (PolicySummary.nearest_misses, snapshotted when the round starts), see
-            mutants(); its rounds are 40 examples (STEERED_ROUND_EXAMPLES) so that the pool is
-            refreshed often.
+database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 40-example rounds
+(`fuzz run`'s defaults) until its first finding or its budget, drawing what `fuzz run` draws
+(fuzz.strategies.prompts with the model's vocabulary):
+  random    Hypothesis generation only: fuzz.search.Search with `target()` disabled and fresh
+            draws only (no observations, so Hypothesis's target phase has nothing to climb);
+  targeted  target() on -log2(content headroom), fresh draws only;
+  default   `fuzz run`'s search: targeted, and each round draws half its prompts as 1-3 stacked
+            edits of the nearest misses so far (fuzz.search.round_strategy,
+            fuzz.strategies.mutants), the pool snapshotted when the round starts;
+  gradient  default plus a third arm: gradient-guided single-token swaps of the two best new
+            nearest misses per round (fuzz.proposals.Proposer), screened as they are.
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
 batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
 and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
@@ -37,7 +34,6 @@ import argparse
 import contextlib
 import hashlib
 import math
-import random
 import statistics
 import sys
 import tempfile
@@ -58,15 +54,15 @@ from fuzz.engine.planted import (
     minimal_trigger,
 )
 from fuzz.generate import Bounds, PromptSpec
+from fuzz.proposals import Proposer
 from fuzz.report import PolicySummary
 from fuzz.robustness import finalize
-from fuzz.run import UNSAFE_ROUND_FACTOR
-from fuzz.search import BudgetExhausted, NewSignature, Search, mutate_nearest
+from fuzz.search import BudgetExhausted, NewSignature, RoundOver, Search, round_strategy
 from fuzz.session import Session
-from fuzz.strategies import fragments, prompts
+from fuzz.strategies import prompts
 
 POLICY = "float16"
-SEARCHERS = ("random", "targeted", "fuzz-run", "steered")
+SEARCHERS = ("random", "targeted", "default", "gradient")
 
 
 @dataclass
@@ -114,7 +110,7 @@ class _TrackedSearch(Search):
 
     def check(self, texts: list[str]) -> None:
         if self.summary.examples >= self.tracker.max_prompts and not self.pending:
-            return  # out of budget, as Search does past its deadline
+            raise RoundOver  # out of budget, as Search does past its deadline
         if self.tracker.shrink_capped():
             return
         try:
@@ -138,65 +134,14 @@ def targeting(enabled: bool) -> Iterator[None]:
         fuzz.search.target = original
 
 
-# --- the prototype steering: mutate the nearest misses -------------------------------------
-MUTATIONS = ("delete", "duplicate", "repeat", "splice")
-# The pool is refreshed when a round starts, so steering needs short rounds: with fuzz run's
-# 120-example rounds the first 120 examples (~300 prompts) are unsteered (measured: median 438
-# prompts to the first finding at RUN 24, against 172 with 40-example rounds).
-STEERED_ROUND_EXAMPLES = 40
-
-
-def mutants(pool: tuple[str, ...]) -> st.SearchStrategy[str]:
-    """Prompts made by 1-3 stacked text mutations (AFL's "havoc") of a nearest miss.
-
-    The pool is a snapshot taken when the round starts, so every replay of a choice sequence
-    draws the same prompt (Hypothesis's shrinking stays deterministic). Positions and lengths
-    are integer choices, which Hypothesis's target optimiser can tune; deletion is the first
-    mutation so that shrinking heads toward fewer, simpler edits."""
-
-    @st.composite
-    def build(draw: st.DrawFn) -> str:
-        text = draw(st.sampled_from(pool))
-        for op in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3)):
-            text = _mutate(draw, op, text)
-        return text
-
-    return build()
-
-
-def _mutate(draw: st.DrawFn, op: str, text: str) -> str:
-    at = draw(st.integers(0, len(text)))
-    size = draw(st.integers(1, 32))
-    if op == "delete":
-        return text[:at] + text[at + size:]
-    if op == "duplicate":  # copy the `size` characters before `at` in after them
-        return text[:at] + text[max(0, at - size):at] + text[at:]
-    if op == "repeat":
-        return text[:at] + text[at:at + 1] * size + text[at:] if text else text
-    fragment = draw(fragments()).text
-    return text[:at] + fragment + text[at:]
-
-
-def round_strategy(searcher: str, base: st.SearchStrategy[str], summary: PolicySummary
-                   ) -> st.SearchStrategy[str]:
-    if searcher != "steered":
-        return base
-    pool = tuple(v.prompt for v in summary.nearest_misses)
-    return st.one_of(base, mutants(pool)) if pool else base
-
-
-# --- one search ------------------------------------------------------------------------------
-def mutation_stage(search: Search, tracker: Tracker, rng_seed: int) -> list[NewSignature]:
-    """FuzzJob._mutation_stage after an unsafe round (fuzz.run): up to MUTATION_BATCHES
-    batches of edits of the nearest misses (fuzz.search.mutate_nearest), going on only while a
-    batch finds something; a benchmark search stops at its first finding, so that is one batch."""
-    rng = random.Random(rng_seed)
-    found = mutate_nearest(search, rng)
-    tracker.count_batch()
-    if found and tracker.first is None:
-        tracker.first = (search.summary.examples, tracker.batches,
-                         time.perf_counter() - tracker.started, found[0].spec.text)
-    return found
+def round_prompts(searcher: str, fresh: st.SearchStrategy[str], search: Search,
+                  proposer: Proposer) -> st.SearchStrategy[str]:
+    """random and targeted draw fresh prompts only; default is fuzz run's round strategy
+    (half fresh, half stacked edits of the mode's nearest misses); gradient adds the swaps
+    proposed for the nearest misses."""
+    if searcher == "gradient":
+        return round_strategy(fresh, search.pool(), proposer.for_round(search.misses()))
+    return round_strategy(fresh, search.pool()) if searcher == "default" else fresh
 
 
 def verify_plant(session: Session, run: int) -> str:
@@ -219,37 +164,42 @@ def verify_plant(session: Session, run: int) -> str:
 
 
 def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: float,
-                max_prompts: int, round_examples: int, max_shrink_batches: int) -> RunResult:
-    stats, tracker = PolicySummary.for_policy(POLICY), Tracker(max_prompts, max_shrink_batches)
-    base = prompts(max_chars=4 * session.bounds.max_prompt_tokens)  # as fuzz run draws
+                 max_prompts: int, round_examples: int, max_shrink_batches: int,
+                 finalize_found: bool = True) -> RunResult:
+    summary, tracker = PolicySummary.for_policy(POLICY), Tracker(max_prompts, max_shrink_batches)
+    # as fuzz run draws: the default prompts plus pieces of the model's own vocabulary
+    fresh = prompts(max_chars=4 * session.bounds.max_prompt_tokens,
+                    vocabulary=session.model.tokenizer.vocabulary())
     deadline = time.monotonic() + budget_s
     found: list[NewSignature] = []
     digest = hashlib.sha256(f"{session.model.fingerprint}/{POLICY}/bos=True".encode()).digest()
     rounds = 0
+    proposer = Proposer(session)
     with tempfile.TemporaryDirectory(prefix="bench-search-db-") as db_dir, \
             targeting(searcher != "random"), with_reporter(lambda *_: None):
         database = DirectoryBasedExampleDatabase(db_dir)  # fuzz run keeps one (cold here)
-        while not found and time.monotonic() < deadline and stats.examples < max_prompts:
-            search = _TrackedSearch(session, POLICY, True, set(), stats, deadline,
+        while not found and time.monotonic() < deadline and summary.examples < max_prompts:
+            search = _TrackedSearch(session, POLICY, True, set(), summary, deadline,
                                     on_batch=tracker.count_batch)
             search.tracker = tracker
-            examples = STEERED_ROUND_EXAMPLES if searcher == "steered" else round_examples
             try:
-                found = search.run(round_strategy(searcher, base, stats), examples,
+                found = search.run(round_prompts(searcher, fresh, search, proposer),
+                                   round_examples,
                                    database, digest, seed=seed * 1000 + rounds)
             except BudgetExhausted:  # as fuzz run: a shrink outlived the grace; take its best
                 found = list(search.pending.values())
-            if not found and searcher == "fuzz-run" and stats.examples < max_prompts:
-                found = mutation_stage(search, tracker, seed * 1000 + rounds)
             rounds += 1
     if not found:
-        return RunResult(searcher, run, seed, False, stats.examples, tracker.batches,
+        return RunResult(searcher, run, seed, False, summary.examples, tracker.batches,
                          time.perf_counter() - tracker.started,
                          time.perf_counter() - tracker.started, rounds)
     err = found[0]
+    prompts_n, batches, seconds, first_text = tracker.first
+    if not finalize_found:  # --first-only: the counts to the first failing batch are the figures
+        return RunResult(searcher, run, seed, True, prompts_n, batches, seconds,
+                         time.perf_counter() - tracker.started, rounds, 0, first_text)
     saved = finalize(session, err.spec, POLICY, err.screened.signature,
                      err.screened.verdict.first_nonfinite.step).spec
-    prompts_n, batches, seconds, first_text = tracker.first
     return RunResult(searcher, run, seed, True, prompts_n, batches, seconds,
                      time.perf_counter() - tracker.started, rounds, tracker.batches - batches,
                      first_text, saved.text, is_minimal_trigger(saved.text, run))
@@ -270,7 +220,7 @@ def ratio_text(b: float, a: float, max_prompts: int) -> str:
 
 
 def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
-              shrink_cap: int, max_prompts: int) -> None:
+              shrink_cap: int, max_prompts: int, minimality: bool = True) -> None:
     print("\n## Summary (median over seeds; a search that found nothing within its budget "
           "counts as +inf)")
     rows = []
@@ -302,7 +252,7 @@ def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
             if searcher == "random" or a is None or b is None:
                 continue
             print(f"run {run}: {searcher}/random median prompts = {ratio_text(b, a, max_prompts)}")
-    for searcher in searchers:
+    for searcher in searchers if minimality else []:  # --first-only measures no saved case
         found = [r for r in results if r.found and r.searcher == searcher]
         if found:
             n = sum(r.minimal for r in found)
@@ -330,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap on batches screened while Hypothesis shrinks a finding, to "
                              "bound this benchmark's time (0: none, as fuzz run; default 1000; "
                              "quick: 300)")
-    parser.add_argument("--round-examples", type=int, default=40 * UNSAFE_ROUND_FACTOR,
-                        help="Hypothesis examples per round (default: fuzz run's for an unsafe "
-                             f"policy, 40 x {UNSAFE_ROUND_FACTOR})")
+    parser.add_argument("--first-only", action="store_true",
+                        help="stop each search at its first failing batch: no shrink, no "
+                             "minimizing (the prompt counts only; minimality is not measured)")
+    parser.add_argument("--round-examples", type=int, default=40,
+                        help="Hypothesis examples per round (default: fuzz run's, 40)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=1,
                         help="new tokens per prompt (default 1: the planted overflow fires in "
@@ -355,10 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{max_prompts} prompts or {budget:.0f}s per search, batch {args.batch_size}, "
                  f"{args.round_examples}-example rounds, bounds {bounds.to_dict()}, shrink cap "
                  f"{shrink_cap or 'none'} batches)")
-    print("# random = Hypothesis generation, target() disabled; targeted = fuzz.search.Search "
-          "with target(); fuzz-run = targeted + fuzz run's mutation stage (the suite's default);"
-          "\n# steered = targeted + the prototype's nearest-miss mutants inside Hypothesis "
-          "(see mutants()). float16, BOS on, fresh example database per search.")
+    print("# random = Hypothesis generation, target() disabled; targeted = with target(); "
+          "default = fuzz run's search (targeted + nearest-miss edits). float16, BOS on, fresh "
+          "example database per search.")
     results = []
     for run in runs:
         session = Session(digit_run_model(run), bounds=bounds, batch_size=args.batch_size)
@@ -370,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             for searcher in searchers:
                 r = search_once(session, searcher, run, seed, budget, max_prompts,
-                                args.round_examples, shrink_cap)
+                                args.round_examples, 1 if args.first_only else shrink_cap,
+                                not args.first_only)
                 results.append(r)
                 first = (f"{r.first_text[:32]!r} ({longest_digit_run(r.first_text)})"
                          if r.found else "-")
@@ -378,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.rounds} | {r.seconds:.1f} | {r.total_seconds:.1f} | "
                       f"{r.shrink_batches} | {first} | "
                       f"{r.saved_text!r} | {r.minimal} |", flush=True)
-    summarize(results, runs, searchers, shrink_cap, max_prompts)
+    summarize(results, runs, searchers, shrink_cap, max_prompts, not args.first_only)
     return 0
 
 

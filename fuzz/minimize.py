@@ -7,6 +7,8 @@ hit is confirmed alone (the canonical verdict, fuzz.session.Session.screen).
 """
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional
 
@@ -31,15 +33,17 @@ Keeps = Callable[[PromptSpec, Verdict], bool]
 
 def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
                   bounds: Optional[Bounds] = None, max_evals: int = 96,
-                  keeps: Optional[Keeps] = None) -> tuple[PromptSpec, Optional[Verdict]]:
+                  keeps: Optional[Keeps] = None, deadline: float = math.inf
+                  ) -> tuple[PromptSpec, Optional[Verdict]]:
     """Deletes character runs (halving their length down to one character) while the failure
-    keeps its exact signature (and whatever `keeps` asks), within `max_evals` prompts run.
+    keeps its exact signature (and whatever `keeps` asks), within `max_evals` prompts run and
+    until `deadline` (time.monotonic()): the job's hard budget bounds minimizing too.
 
     Returns the smallest prompt found (1-minimal when the budget allows) and its verdict
     (None when nothing could be deleted)."""
     best, best_verdict, evals = spec, None, 0
     chunk = max(1, len(spec.text) // 2)
-    while chunk >= 1 and evals < max_evals and best.text:
+    while chunk >= 1 and evals < max_evals and best.text and time.monotonic() < deadline:
         candidates = [PromptSpec(t, spec.add_bos, spec.chat)
                       for t in deletion_candidates(best.text, chunk)]
         candidates = [c for c in candidates if session.runnable(c)]
@@ -48,7 +52,7 @@ def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signatur
             batch = candidates[i: i + session.batch_size]
             hit, runs = _first_with_signature(session, batch, policy, sig, bounds, keeps)
             evals += runs
-            if hit is not None or evals >= max_evals:
+            if hit is not None or evals >= max_evals or time.monotonic() >= deadline:
                 break
         if hit is None:
             chunk //= 2

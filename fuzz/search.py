@@ -1,48 +1,60 @@
-"""The search: Hypothesis generates batches of prompts, the model screens them, new signatures fail.
+"""The search of one (policy, BOS mode) for one round: Hypothesis draws batches of prompts, the
+model screens them, a new signature fails the property.
 
-One Hypothesis run searches one (policy, BOS mode). An example is a LIST of prompts screened in one
-batched generation (batching amortises reading the weights, docs/NUMERICS.md); the example fails
-when a prompt shows a signature that is not known yet. Each signature raises its own exception
-class, so Hypothesis treats each as a separate bug and shrinks each to its own minimal example (a
-list of one minimal prompt). Only those final, shrunk examples are returned by `Search.run`: the
-intermediate ones never reach the corpus.
+An example is a LIST of prompts screened in one batched generation (batching amortises reading
+the weights, docs/NUMERICS.md); the example fails when a prompt shows a signature that is not
+known yet, past the margin a regression case needs (fuzz.robustness). Each signature raises its
+own exception class, so Hypothesis treats each as a separate bug and shrinks each to its own
+minimal example (a list of one minimal prompt). Only those final, shrunk examples are returned by
+`Search.run`: the intermediate ones never reach the corpus.
 
-Steering: every example reports `hypothesis.target()` on -log2(content headroom) — how close the
-batch came to the dtype's limit, away from the BOS sink every prompt shares — so Hypothesis's
-targeted phase climbs toward an overflow; between rounds, `mutate_nearest` screens small edits
-of the nearest misses (a fuzzer's mutation stage).
+Steering, the default of `fuzz run` (measured against random draws in benchmarks/bench_search.py):
+- each round draws half of its prompts fresh and half as stacked edits of this mode's nearest
+  misses, snapshotted when the round starts (fuzz.strategies.mutants);
+- every example reports `hypothesis.target()` on -log2 of its finite prompts' content headroom,
+  and the cap for a new signature; failures under KNOWN signatures score nothing, or targeting
+  would climb toward bugs the corpus already holds;
+- a mode whose every prompt fails under one known signature at the BOS position before any
+  content position is reached (Gemma 3 270M in float16 with BOS: layer 7) is *saturated*: its
+  content headroom means nothing, so it is given up after SATURATION_PROBE prompts.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+import hypothesis.core
 from hypothesis import HealthCheck, Phase, given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
+from hypothesis.reporting import with_reporter
 
 from .corpus import Signature
 from .generate import Bounds, PromptSpec
 from .precision import get_policy
-from .report import PolicySummary
+from .report import ModeCounts, PolicySummary
 from .robustness import describe_where, passes_margin
 from .session import Screened, Session
+from .strategies import mutants
 from .verdict import Verdict
 
-TARGET_CAP = 16.0  # score given to a non-finite batch (headroom 0): above any finite score
+TARGET_CAP = 16.0  # score of a new signature (headroom 0): above any finite score
+SATURATION_PROBE = 16  # prompts a mode screens before it may be called saturated
 
 
-SHRINK_GRACE_S = 120.0  # how far past the budget a shrink in progress may run
+class RoundOver(BaseException):
+    """The round's time is up and nothing is being shrunk. A BaseException, so Hypothesis lets
+    it through instead of treating it as a failure to shrink."""
 
 
 class BudgetExhausted(BaseException):
-    """Raised from inside a Hypothesis run (a BaseException, so Hypothesis lets it through
-    instead of treating it as a failure to shrink) when a shrink outlives the budget's grace."""
+    """A shrink in progress outlived the job's hard limit: the caller takes the shortest failing
+    prompt per signature (Search.pending)."""
 
 
 class NewSignature(AssertionError):
@@ -69,47 +81,83 @@ def error_for(sig: Signature) -> type[NewSignature]:
     return _SIGNATURE_ERRORS[sig]
 
 
-def headroom_score(verdicts: list[Verdict]) -> float:
-    """-log2 of the smallest content headroom in the batch (bigger = closer to overflow)."""
-    worst = min((v.min_headroom(content_only=True) for v in verdicts), default=math.inf)
-    if worst <= 0:
+def steering_score(results: Sequence[Screened]) -> float:
+    """-log2 of the smallest content headroom among the batch's finite prompts (bigger = closer
+    to overflow); TARGET_CAP when a prompt shows a new signature; known-signature failures and
+    inconclusive runs score nothing."""
+    if any(r.new for r in results):
         return TARGET_CAP
+    finite = [r.verdict.min_headroom(content_only=True) for r in results if r.verdict.finite]
+    worst = min(finite, default=math.inf)
     if math.isinf(worst):
         return -TARGET_CAP
+    if worst <= 0:
+        return TARGET_CAP
     return max(-TARGET_CAP, min(TARGET_CAP, -math.log2(worst)))
+
+
+def is_saturated(counts: ModeCounts, probe: int = SATURATION_PROBE) -> bool:
+    """Every prompt so far (at least `probe`) failed under one known signature at the BOS
+    position: nothing this mode screens can reach a content position."""
+    if counts.examples < probe or len(counts.known) != 1:
+        return False
+    [(sig, hits)] = counts.known.items()
+    return sig[5] == "bos" and hits == counts.examples
+
+
+def round_strategy(fresh: st.SearchStrategy[str], pool: Sequence[str],
+                   proposed: Sequence[str] = ()) -> st.SearchStrategy[str]:
+    """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses now); with
+    `proposed` (gradient-guided swaps of the nearest misses, fuzz.proposals), a third arm that
+    screens those prompts as they are."""
+    arms = [fresh] + ([mutants(pool)] if pool else []) + \
+        ([st.sampled_from(tuple(proposed))] if proposed else [])
+    return st.one_of(*arms) if len(arms) > 1 else fresh
 
 
 @dataclass
 class Search:
-    """Searches one (policy, BOS mode) until a new signature is found or the round ends."""
+    """Searches one (policy, BOS mode) until its round ends or a new signature is found."""
 
     session: Session
     policy: str
     add_bos: bool
     known: set[Signature]
     summary: PolicySummary  # this policy's counts and nearest misses, shared by every round
-    deadline: float  # time.monotonic() after which examples return at once
+    deadline: float  # time.monotonic() when the round ends (unless a shrink is in progress)
+    shrink_deadline: float = math.inf  # when a shrink in progress must give up
     on_batch: Optional[Callable[[], None]] = None  # progress callback
-    # The shortest failing prompt seen so far per new signature: what an interrupted run saves
-    # when Hypothesis had no time to finish shrinking.
+    # The shortest failing prompt seen so far per new signature: what is saved when Hypothesis
+    # had no time to finish shrinking.
     pending: dict[Signature, NewSignature] = field(default_factory=dict)
+    saturated: bool = False
+
+    @property
+    def counts(self) -> ModeCounts:
+        return self.summary.mode(self.add_bos)
+
+    def pool(self) -> list[str]:
+        """This mode's nearest misses, closest first: what the round's mutants edit."""
+        return [v.prompt for v in self.misses()]
+
+    def misses(self) -> list[Verdict]:
+        return [v for v in self.summary.nearest_misses if v.add_bos == self.add_bos]
 
     def check(self, texts: list[str]) -> None:
-        """The property: no prompt in the batch shows an unknown signature."""
+        """The property: no prompt in the batch shows an unknown signature past the margin."""
         now = time.monotonic()
-        if now > self.deadline and not self.pending:
-            return  # out of budget: the remaining examples of this round cost nothing
-        if now > self.deadline + SHRINK_GRACE_S:
-            raise BudgetExhausted  # the caller saves the shortest failing prompt per signature
+        if not self.pending and now > self.deadline:
+            raise RoundOver
+        if self.pending and now > self.shrink_deadline:
+            raise BudgetExhausted
         specs = self.runnable_specs(texts)
         if not specs:
             return
         # Once a failure is being shrunk, candidates need run no further than its step.
         cap = max((e.screened.verdict.first_nonfinite.step for e in self.pending.values()),
                   default=None)
-        bounds = self.session.capped(cap) if cap is not None else None
-        results = self.screen(specs, bounds)
-        target(headroom_score([r.verdict for r in results]), label=self.policy)
+        results = self.screen(specs, self.session.capped(cap) if cap is not None else None)
+        target(steering_score(results), label=self.policy)
         if self.on_batch:
             self.on_batch()
         for spec, r in zip(specs, results):
@@ -121,6 +169,9 @@ class Search:
                 if best is None or len(spec.text) < len(best.spec.text):
                     self.pending[r.signature] = err
                 raise err
+        if not self.pending and is_saturated(self.counts):
+            self.saturated = True
+            raise RoundOver
 
     def counts_as_finding(self, r: Screened) -> bool:
         """A new signature fails the property when a regression case could come of it: under
@@ -145,7 +196,8 @@ class Search:
     def run(self, prompts: st.SearchStrategy[str], max_examples: int,
             database: Optional[ExampleDatabase], digest: bytes,
             seed: Optional[int] = None) -> list[NewSignature]:
-        """One Hypothesis run; returns the minimal example of every new signature it found."""
+        """One Hypothesis run (a round); returns the minimal example of every new signature it
+        found. Ends early at the round's deadline, or when the mode proves saturated."""
         batch = st.lists(prompts, min_size=1, max_size=self.session.batch_size)
 
         def prompts_stay_finite(texts: list[str]) -> None:
@@ -159,10 +211,14 @@ class Search:
             suppress_health_check=list(HealthCheck), report_multiple_bugs=True,
             print_blob=False,
         )(given(batch)(prompts_stay_finite))
-        if seed is not None:
-            test = hypothesis_seed(seed)(test)
+        test = seeded(test, seed, database)
         try:
-            test()
+            # The job reports findings itself; Hypothesis's "Falsifying example" / "@seed(...)"
+            # lines would only interleave with the progress line.
+            with with_reporter(lambda *_: None):
+                test()
+        except RoundOver:
+            return []
         except NewSignature as err:
             return [err]
         except BaseExceptionGroup as group:  # several signatures, each shrunk on its own
@@ -173,47 +229,24 @@ class Search:
         return []
 
 
+def seeded(test: Callable, seed: Optional[int], database: Optional[ExampleDatabase]) -> Callable:
+    """The round's draws made reproducible from `seed` without giving up the database:
+    hypothesis.seed() switches the database off (it sets database=None, so a failure found by
+    one run or machine would never be replayed by the next), so with a database the seed goes to
+    the generator Hypothesis draws each test's own seed from instead."""
+    if seed is None:
+        return test
+    if database is None:
+        return hypothesis_seed(seed)(test)
+    local = getattr(hypothesis.core, "threadlocal", None)  # Hypothesis 6.1xx
+    if local is not None and hasattr(local, "_hypothesis_global_random"):
+        local._hypothesis_global_random = random.Random(seed)
+    return test
+
+
 def _leaves(group: BaseExceptionGroup):
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             yield from _leaves(exc)
         else:
             yield exc
-
-
-# Small edits that move a near miss across the limit: digits and the punctuation and lone spaces
-# that form secondary attention sinks (docs/NUMERICS.md: a lone "▁" before a digit, "," or ".").
-MUTATION_PIECES = (" 0", " 1", " 7", "0", ",", ".", " ", "\n", " 0 0", " 30")
-
-
-def mutate(text: str, rng: random.Random) -> str:
-    """One random edit: insert a piece, delete a character, or append a piece."""
-    i = rng.randrange(len(text) + 1)
-    kind = rng.randrange(3)
-    if kind == 0:
-        return text[:i] + rng.choice(MUTATION_PIECES) + text[i:]
-    if kind == 1 and len(text) > 1:
-        return text[:i] + text[i + 1:]
-    return text + rng.choice(MUTATION_PIECES)
-
-
-def mutate_nearest(search: Search, rng: random.Random, parents: int = 4,
-                   children: int = 4) -> list[NewSignature]:
-    """Screens random edits of the nearest misses of `search`'s policy and BOS mode.
-
-    Hypothesis's targeting climbs slowly when each example costs a generation: on Gemma 3 270M
-    without BOS, random search stalled at headroom 1.01 for 700+ prompts, while edits of those
-    near misses overflowed in 11 of 64 tries (measured). Returns new signatures (unshrunk: the
-    caller minimizes them) and counts every result into the policy's summary as usual."""
-    near = [v for v in search.summary.nearest_misses if v.add_bos == search.add_bos][:parents]
-    specs = search.runnable_specs([mutate(v.prompt, rng) for v in near for _ in range(children)])
-    if not specs:
-        return []
-    results = search.screen(specs)
-    new: dict[Signature, NewSignature] = {}
-    for spec, r in zip(specs, results):
-        if r.new and not search.counts_as_finding(r):
-            search.summary.observe_marginal(r.verdict, describe_where(r.verdict))
-        elif r.new and r.signature not in new:
-            new[r.signature] = NewSignature(r, spec)
-    return list(new.values())

@@ -25,6 +25,8 @@ from .vocabulary import (
     jargon,
     other_scripts,
     punctuation_runs,
+    sink_piece_ids,
+    sink_token_prompts,
     token_prompts,
 )
 
@@ -65,6 +67,7 @@ _TEMPLATE_SLOTS = frozenset({"number", "jargon", "op"})
 # Kinds of fragment in the top-level mix, in the order `fragments()` tries them (simplest first).
 FRAGMENT_KINDS: tuple[str, ...] = (
     "number", "jargon", "punctuation", "template", "script", "code", "repetition", "tokens",
+    "sink_tokens",
 )
 
 
@@ -228,7 +231,7 @@ def fragments(vocabulary: Sequence[str] | None = None,
     """Draw one tagged `Fragment` of any kind in `FRAGMENT_KINDS`: a number, a jargon term, a
     punctuation run, a filled template, other-script text, a code snippet, a repetition of a
     number/term/punctuation, and (only when `vocabulary` is given) up to `max_tokens`
-    vocabulary pieces.
+    vocabulary pieces, any or only the sink-prone ones (digits, punctuation, whitespace).
 
     Shrinks toward the earlier kinds, number first (so toward "0"), then within the kind.
     """
@@ -244,6 +247,8 @@ def fragments(vocabulary: Sequence[str] | None = None,
     }
     if vocabulary is not None:
         by_kind["tokens"] = token_prompts(vocabulary, max_tokens)
+        if sink_piece_ids(vocabulary):
+            by_kind["sink_tokens"] = sink_token_prompts(vocabulary, max_tokens)
     return _uniform_one_of(
         strategy.map(functools.partial(Fragment, kind)) for kind, strategy in by_kind.items()
     )

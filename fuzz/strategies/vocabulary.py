@@ -225,7 +225,7 @@ def punctuation_runs() -> SearchStrategy[str]:
 _CONTROL_PIECE = re.compile(r"<[A-Za-z0-9_]+>")
 
 
-def _text_piece_ids(vocabulary: Sequence[str]) -> list[int]:
+def text_piece_ids(vocabulary: Sequence[str]) -> list[int]:
     return [
         piece_id for piece_id, piece in enumerate(vocabulary)
         if piece and not _CONTROL_PIECE.fullmatch(piece)
@@ -249,7 +249,7 @@ def token_prompts(vocabulary: Sequence[str], max_tokens: int = 64, *, min_tokens
             f"max_tokens={max_tokens}"
         )
     if allowed_ids is None:
-        usable = _text_piece_ids(vocabulary)
+        usable = text_piece_ids(vocabulary)
     else:
         usable = sorted(set(allowed_ids))
         outside = [i for i in usable if not 0 <= i < len(vocabulary)]
@@ -263,3 +263,20 @@ def token_prompts(vocabulary: Sequence[str], max_tokens: int = 64, *, min_tokens
     return pieces.map(
         lambda ids: "".join(vocabulary[i] for i in ids).replace(SPACE_SYMBOL, " "))
 
+
+# Pieces that form massive activations or secondary attention sinks (docs/NUMERICS.md: BOS, the
+# first "." or "\n", a lone space before a digit, "," or "."): digits, punctuation, whitespace.
+_SINK_PIECE = re.compile(r"[\u2581\s0-9.,:;!?\-+*/=%()\[\]{}#<>'\"`_|\\~^&@$]+")
+
+
+def sink_piece_ids(vocabulary: Sequence[str]) -> list[int]:
+    """Ids of the pieces made only of digits, punctuation and whitespace (SentencePiece's '▁'):
+    on Gemma 3's 262144 pieces, the prompt-dependent float16 overflows sit on such tokens."""
+    return [i for i, piece in enumerate(vocabulary) if piece and _SINK_PIECE.fullmatch(piece)]
+
+
+def sink_token_prompts(vocabulary: Sequence[str], max_tokens: int = 32) -> SearchStrategy[str]:
+    """Draw 1..max_tokens of the model's own sink-prone pieces (digits, punctuation, whitespace
+    runs, lone '▁'), as text. Shrinks toward fewer pieces and lower ids (as token_prompts)."""
+    return token_prompts(vocabulary, max_tokens, min_tokens=1,
+                         allowed_ids=sink_piece_ids(vocabulary))

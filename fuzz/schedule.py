@@ -1,0 +1,83 @@
+"""How `fuzz run` shares its budget among (policy, BOS mode) pairs, and when its time is up.
+
+Shares: every (policy, BOS mode) of `--policies` gets a stated share of the budget, unsafe
+policies UNSAFE_WEIGHT times more (that is where findings are expected), so a default run screens
+all five policies in both modes (measured before shares: an 8-minute run screened float16 573
+prompts, float32 83 and the other three none). The next round goes to the mode furthest behind
+its share; a saturated mode drops out and its time flows to the others.
+
+Time: the budget is wall time. Rounds end at it; a shrink in progress may run SHRINK_TAIL_S past
+it, minimizing stops at MINIMIZE_TAIL_S past it (what is left is measured and saved unminimized,
+said as "cut"), and measuring plus the report fit in the rest of TAIL_S: the job ends within the
+budget plus TAIL_S.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .precision import PrecisionPolicy
+
+UNSAFE_WEIGHT = 3.0
+TAIL_S = 60.0  # the most the job runs past its budget, report included
+SHRINK_TAIL_S = 15.0
+MINIMIZE_TAIL_S = 35.0
+MIN_ROUND_S = 10.0  # a round is worth its Hypothesis set-up and its database replay
+
+
+@dataclass
+class Mode:
+    policy: PrecisionPolicy
+    add_bos: bool
+    share: float  # of the budget
+    used_s: float = 0.0
+    rounds: int = 0
+    saturated: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.policy.name} {'BOS' if self.add_bos else 'no-BOS'}"
+
+
+@dataclass
+class Schedule:
+    modes: list[Mode]
+    budget_s: float
+    started: float  # time.monotonic() at the start of the job
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, policies: list[PrecisionPolicy], bos_modes: list[bool], budget_s: float,
+             started: float) -> Schedule:
+        weights = [(p, bos, 1.0 if p.expected_safe else UNSAFE_WEIGHT)
+                   for p in policies for bos in bos_modes]
+        total = sum(w for _, _, w in weights)
+        return cls([Mode(p, bos, w / total) for p, bos, w in weights], budget_s, started)
+
+    @property
+    def hard_deadline(self) -> float:
+        return self.started + self.budget_s
+
+    @property
+    def shrink_deadline(self) -> float:
+        return self.hard_deadline + SHRINK_TAIL_S
+
+    @property
+    def minimize_deadline(self) -> float:
+        return self.hard_deadline + MINIMIZE_TAIL_S
+
+    def next_mode(self, now: float) -> Optional[Mode]:
+        """The active mode furthest behind its share; None once the budget is spent."""
+        active = [m for m in self.modes if not m.saturated]
+        if now >= self.hard_deadline or not active:
+            return None
+        return min(active, key=lambda m: (m.used_s / m.share, m.rounds))
+
+    def round_deadline(self, mode: Mode, now: float) -> float:
+        """A round runs until the mode's share is used (at least MIN_ROUND_S), never past the
+        budget."""
+        owed = mode.share * self.budget_s - mode.used_s
+        return min(self.hard_deadline, now + max(MIN_ROUND_S, owed))
+
+    def shares_text(self) -> str:
+        return ", ".join(f"{m.name} {m.share:.0%}" for m in self.modes)
