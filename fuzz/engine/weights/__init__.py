@@ -9,7 +9,9 @@ any missing key, unexpected key or wrong shape is a `WeightsError` that names ev
 - `checkpoint`: gemma_pytorch `.ckpt`/`.pt` files, sharded directories, safetensors; build_model;
 - `gguf_file`: llama.cpp GGUF files (their conventions are in its docstring): read_gguf, and the
   one GGUF metadata reader (open_gguf_reader, gguf_field_value) the tokenizer uses too;
-- `cache`: load_gguf, read_gguf behind a float32 safetensors cache keyed by the GGUF's sha256.
+- `cache`: load_gguf, read_gguf behind a float32 safetensors cache keyed by the GGUF's sha256;
+- `hf` and `hf_config`: Hugging Face directories (config.json + safetensors), read_hf
+  (fuzz.engine.hf_dir adds the tokenizer and makes the LoadedModel).
 """
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def _read_sharded(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
@@ -104,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike[str], config: GemmaConfig) -> dict[s
     if path.is_dir():
         raw = _read_sharded(path)
     elif path.suffix == ".safetensors":
-        raw = _read_safetensors(path)
+        raw = read_safetensors(path)
     else:
         raw = _as_state_dict(_torch_load(path), path)
     raw = {k: v for k, v in raw.items() if k not in ROPE_BUFFERS}

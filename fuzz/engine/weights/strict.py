@@ -29,7 +29,7 @@ def config_summary(config: GemmaConfig) -> str:
             f"mlp {config.intermediate_size}, vocab {config.vocab_size}, quant {config.quant}")
 
 
-def _mismatch_report(state: Mapping[str, torch.Tensor],
+def mismatch_report(state: Mapping[str, torch.Tensor],
                      expected: Mapping[str, tuple[int, ...]]) -> list[str]:
     """One line per problem kind, naming every offending key."""
     missing = [k for k in expected if k not in state]
@@ -63,7 +63,7 @@ def check_state_dict(state: Mapping[str, torch.Tensor], config: GemmaConfig,
     copy where they already are), in the model's parameter order. Raises WeightsError naming
     every missing, unexpected or mis-shaped key."""
     expected = parameter_shapes(config)
-    lines = _mismatch_report(state, expected)
+    lines = mismatch_report(state, expected)
     if lines:
         hint = ""
         if any(k.endswith(SCALER_SUFFIX) for k in state) and not config.quant:
@@ -85,7 +85,7 @@ def dequantize_int8(state: dict[str, torch.Tensor], config: GemmaConfig,
     shapes = parameter_shapes(config)
     expected = dict(shapes)
     expected.update({k + SCALER_SUFFIX: (s[0],) for k, s in shapes.items() if len(s) == 2})
-    lines = _mismatch_report(state, expected)
+    lines = mismatch_report(state, expected)
     if lines:
         _raise_mismatch(lines, config, source,
                         " With quant=True every embedding and linear `X.weight` needs an int8 "
