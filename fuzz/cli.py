@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .corpus import Corpus
+from .engine.loaded import ENGINES
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds, PromptSpec
 from .precision import POLICIES
 from .session import ModelOptions, Session
@@ -52,8 +53,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                      "1b, 4b, 12b, 27b_v3, 270m)")
     g.add_argument("--config", help="GemmaConfig JSON (upstream field names) of a checkpoint")
     g.add_argument("--tokenizer", help="SentencePiece .model of a checkpoint")
-    g.add_argument("--engine", default="builtin", choices=("builtin", "upstream"),
-                   help="who computes: the built-in engine or installed google/gemma_pytorch")
+    g.add_argument("--engine", default="builtin", choices=("builtin", "upstream", "transformers"),
+                   help="who computes: the built-in engine, installed google/gemma_pytorch, or "
+                        "transformers' own model classes (plain policies only)")
+    g.add_argument("--attention", choices=("eager", "sdpa"), default=None,
+                   help="transformers' attn_implementation for --engine transformers (default: "
+                        "transformers' own choice, sdpa where the model class has it)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
 
 
@@ -81,8 +86,11 @@ def _margin_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, model: Optional[str] = None) -> ModelOptions:
+    from .engine.transformers_engine import engine_kind
+
+    kind = engine_kind(args.engine, getattr(args, "attention", None))
     return ModelOptions(model or args.model or DEFAULT_MODEL, args.variant, args.config,
-                        args.tokenizer, args.engine, args.device)
+                        args.tokenizer, kind, args.device)
 
 
 def _bounds(args: argparse.Namespace) -> Bounds:
@@ -122,7 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     verdict = session.check(spec, args.policy)
     margin = None
     if verdict.nonfinite:  # the float32 magnitude of the failing site: one float32 forward
-        f32 = session.model.engine(get_policy("float32"), session.device, "builtin")
+        f32 = session.engine(get_policy("float32"))  # the session's engine: the finding's
         margin = measure(verdict, f32)
     if args.json:
         doc = {"model": session.model.name, "status": verdict.status, **verdict.to_dict(),
@@ -131,10 +139,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(format_verdict(verdict, margin))
     if args.plot:
+        from .positions import session_position_map
         from .report import plot_verdict
+        from .report.heatmap import heatmap_path, write_heatmap
 
         plot_verdict(verdict, args.plot)
-        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        # the layers x positions heat map: one more run of the prompt, with per-position maxima
+        heat = write_heatmap(session_position_map(session, spec, verdict), heatmap_path(args.plot))
+        print(f"plot written to {args.plot}, heat map to {heat}",
+              file=sys.stderr if args.json else sys.stdout)
     return EXIT[verdict.status]
 
 
@@ -144,8 +157,9 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     if args.from_case:
         old = read_old_case(Path(args.from_case))
-        policy, model, add_bos, chat = old["policy"], args.model or old["model"], \
-            old["add_bos"], old["chat"]
+        # A file model's case names it by its recorded path; a zoo case by its name.
+        model = args.model or old.get("model_location") or old["model"]
+        policy, add_bos, chat = old["policy"], old["add_bos"], old["chat"]
         text = old["prompt"]
     else:
         if args.policy is None:
@@ -194,11 +208,25 @@ def read_old_case(path: Path) -> dict[str, Any]:
 
 
 # --- replay ------------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_main
+
+    given = args.prompt is not None or args.prompt_file is not None
+    prompt = (PromptSpec(read_prompt(args), add_bos=not args.no_bos, chat=args.chat)
+              if given else None)
+    options = ModelOptions(args.model or DEFAULT_MODEL, args.variant, args.config,
+                           args.tokenizer, device=args.device)
+    return compare_main(options, args.engines, args.policy, prompt=prompt, corpus=args.corpus,
+                        bounds=_bounds(args))
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay_corpus
 
+    model = ModelOptions(variant=args.variant, config=args.config, tokenizer=args.tokenizer)
     rows = replay_corpus(Corpus(Path(args.corpus)), model_filter=args.model,
-                         device=args.device, engine=args.engine, strict_site=args.strict_site)
+                         device=args.device, engine=args.engine, strict_site=args.strict_site,
+                         model=model)
     print(f"{'case':<54} {'policy':<22} {'expected':<12} {'got':<60} ok")
     for row in rows:
         print(f"{row.label:<54.54} {row.policy:<22} {row.expected:<12} {row.got:<60.60} "
@@ -206,10 +234,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     regressions = sum(r.regression for r in rows)
     stale = sum(r.stale for r in rows)
     moved = sum(r.moved for r in rows)
+    errors = [r for r in rows if r.error]
+    for row in errors:  # in full: the table cuts the fingerprints and the path
+        print(f"error: {row.got}", file=sys.stderr)
     print(f"\n{len(rows)} checks: {regressions} regressions (a safe policy went non-finite), "
           f"{stale} cases no longer reproduce, {moved} first sites moved"
-          + (" (a failure: --strict-site)" if args.strict_site and moved else ""))
-    return 1 if regressions or stale else 0
+          + (" (a failure: --strict-site)" if args.strict_site and moved else "")
+          + (f", {len(errors)} not run (not the case's model)" if errors else ""))
+    return 1 if regressions or stale or errors else 0
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -218,6 +250,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = FuzzJob.from_args(args, _options(args), _bounds(args))
     return job.main()
+
+
+# --- advise ------------------------------------------------------------------------------------
+def cmd_advise(args: argparse.Namespace) -> int:
+    from .advise_report import main as advise_main
+
+    return advise_main(args, _options(args), _bounds(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help=f"one of: {', '.join(POLICIES)}")
     _prompt_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", help="also write a per-layer max |x| plot (PNG) here")
+    p.add_argument("--plot", help="also write a per-layer max |x| plot (PNG) here, and a "
+                                  "layers x positions heat map beside it (FILE.positions.png)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("add", help="add a crashing prompt to the corpus by hand")
@@ -250,12 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="replay every corpus case and print a table")
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
-    p.add_argument("--model", help="only cases of this model")
-    p.add_argument("--engine", default="builtin", choices=("builtin", "upstream"))
+    p.add_argument("--model", help="only cases of this model: its name, or the path of a file or "
+                                   "directory model to replay its cases on (instead of the "
+                                   "path they recorded)")
+    p.add_argument("--variant", help="upstream variant of a gemma_pytorch --model checkpoint")
+    p.add_argument("--config", help="GemmaConfig JSON of a gemma_pytorch --model checkpoint")
+    p.add_argument("--tokenizer", help="SentencePiece .model of a gemma_pytorch --model checkpoint")
+    p.add_argument("--engine", default="builtin", choices=ENGINES,
+                   help="transformers-eager / transformers-sdpa name the attention")
     p.add_argument("--device", default="auto")
     p.add_argument("--strict-site", action="store_true",
                    help="also fail when a case still fails but its first site moved")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("compare", help="the same prompts through several engines, side by side")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"model SPEC ({DEFAULT_MODEL} by default)")
+    g.add_argument("--variant", help="upstream variant of a gemma_pytorch checkpoint")
+    g.add_argument("--config", help="GemmaConfig JSON of a gemma_pytorch checkpoint")
+    g.add_argument("--tokenizer", help="SentencePiece .model of a checkpoint")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--engines", default="builtin,upstream,transformers",
+                   help=f"comma-separated, the first is the reference ({', '.join(ENGINES)})")
+    p.add_argument("--policy", default="float16", help=f"one of: {', '.join(POLICIES)}")
+    _bounds_args(p)
+    _prompt_args(p, required=False)
+    p.add_argument("--corpus", help="compare every case of the model in this corpus directory")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="the fuzz job: search until the budget ends")
     _model_args(p)
@@ -268,14 +329,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--report", help="write the report here (.md, .html and .json side by side)")
     p.add_argument("--database", default=".hypothesis/fuzz-db",
-                   help="Hypothesis example database directory (share it between runs/machines)")
+                   help="Hypothesis example database: a directory, or redis://HOST:PORT/N to "
+                        "share one between machines (pip install 'gemma-fuzz[redis]'); '' for "
+                        "none")
     p.add_argument("--round-examples", type=int, default=40,
                    help="examples per Hypothesis round before switching policy/BOS mode")
     p.add_argument("--fail-on-new", action="store_true",
                    help="exit 1 when a new case was saved (findings are otherwise results)")
     _margin_arg(p)
+    p.add_argument("--gradient", action=argparse.BooleanOptionalAction, default=False,
+                   help="add gradient-guided token swaps of the nearest misses to each round "
+                        "(fuzz.proposals; built-in engine only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--long", action="store_true",
+                   help="long generations: prompts of 513-1024 tokens (past Gemma 3's sliding "
+                        "window), 128 decode steps, batch size 2 (fuzz.long; an explicit "
+                        "--max-new-tokens, --max-prompt-tokens or --batch-size wins)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("advise", help="measure every policy here and recommend one")
+    _model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
+    p.add_argument("--corpus", default=None, help="also run every case of the model from this "
+                                                  "corpus directory (e.g. corpus)")
+    p.add_argument("--sample", type=int, default=32,
+                   help="prompts to draw from the strategies, each run with and without BOS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=parse_duration, default=None,
+                   help="stop sampling once this is spent, e.g. 8m (the corpus always runs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--report", help="write DIR/advise.md, .html, .json, .png (or PATH.*)")
+    p.set_defaults(func=cmd_advise)
     return parser
 
 
@@ -283,6 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as err:  # OSError: a missing file, a full disk
+    # OSError: a missing file, a full disk; ImportError: an engine whose package is not installed
+    except (ValueError, RuntimeError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT["error"]

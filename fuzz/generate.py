@@ -30,7 +30,7 @@ from .probe import (
     SiteLayout,
     SiteTable,
     StepView,
-    update_row,
+    update_rows,
 )
 from .verdict import Verdict
 
@@ -194,7 +194,7 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
     pos_host, feed_host = slot_pos.numpy().copy(), ids.numpy()
     ids, valid, slot_pos = ids.to(device), valid.to(device), slot_pos.to(device)
     probe = Probe()
-    recorder = _Tee(probe, extra)
+    recorder = Tee(probe, extra)
     cache = engine.new_cache(len(rows), max_len)
     live = list(range(len(rows)))  # indices into rows of the rows still in the batch
     deadline = time.monotonic() + bounds.time_limit_s
@@ -206,7 +206,7 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
                       key_positions=slot_pos[:, :end].clamp(min=0))
         probe.begin_step()
         logits = engine(batch, cache, recorder)
-        next_ids = torch.argmax(logits.float(), dim=-1)
+        next_ids = greedy_tokens(logits)
         stats = probe.end_step()
         # The one host transfer per step: the probe table and the next tokens together (token
         # ids are < 2**24, exact in float32); positions and fed tokens have host mirrors.
@@ -235,14 +235,44 @@ def _run(engine: Engine, tokenizer: TokenizerLike, rows: list[_Row], bounds: Bou
     return SiteTable(probe.keys, probe.limits, engine.config.num_hidden_layers)
 
 
+# greedy_tokens splits rows this long into ARGMAX_CHUNKS chunks (262144 = 256 x 1024).
+ARGMAX_CHUNKS = 256
+ARGMAX_CHUNKED_FROM = 1 << 16
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits.float(), dim=-1), faster on the CPU: the first index of each row's
+    maximum, NaN winning (the float32 conversion is exact and monotonic, so the logits' own
+    dtype gives the same index without a [B, vocab] copy).
+
+    Long rows on the CPU: the row max (amax), each chunk's max, the first chunk that holds the
+    row max, then argmax inside that chunk alone — the same first index, since every earlier
+    chunk's max is smaller (inf and -inf included). Rows whose max is NaN take torch.argmax's
+    answer. Measured at batch 64 on the 262144-wide head (2-core avx512 CPU): 3.6 / 6.4 / 4.2 ms
+    instead of torch.argmax's 24 / 32 / 47 ms in float32 / bfloat16 / float16, several percent
+    of a decode step. Elsewhere torch.argmax (a GPU's is fast, and the NaN check would add a
+    sync there)."""
+    b, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab < ARGMAX_CHUNKED_FROM or vocab % ARGMAX_CHUNKS:
+        return torch.argmax(logits, dim=-1)
+    chunks = logits.view(b, ARGMAX_CHUNKS, vocab // ARGMAX_CHUNKS)
+    top = logits.amax(dim=-1)
+    first = (chunks.amax(dim=-1) == top.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)  # [B]
+    tokens = first * chunks.shape[-1] + chunks[torch.arange(b), first].argmax(dim=-1)
+    nan = torch.isnan(top)
+    if bool(nan.any()):
+        tokens[nan] = torch.argmax(logits[nan], dim=-1)
+    return tokens
+
+
 def _advance(rows: list[_Row], live: list[int], step: int, stats: np.ndarray, pos: np.ndarray,
              feed: np.ndarray, next_ids: np.ndarray, layout: SiteLayout, stops: set[int],
              bounds: Bounds, timed_out: bool) -> list[int]:
     """Folds one step into each live row; returns the rows that go on."""
     still = []
+    update_rows([rows[i].state for i in live], step, StepView(stats, pos, feed), layout)
     for b, i in enumerate(live):
         row = rows[i]
-        update_row(row.state, step, StepView(stats[:, b], pos[b], feed[b]), layout)
         row.steps = step + 1
         if row.state.first is not None:
             row.stopped = "nonfinite"
@@ -273,7 +303,7 @@ def _verdict(row: _Row, policy: str, table: SiteTable, tokenizer: TokenizerLike)
     )
 
 
-class _Tee:
+class Tee:
     """Sends each site to the probe and, optionally, to a second recorder."""
 
     def __init__(self, first: Recorder, second: Optional[Recorder]) -> None:

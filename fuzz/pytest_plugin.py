@@ -15,13 +15,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from .corpus import Corpus
+from .engine.loaded import ENGINES
 from .precision import POLICIES, get_policy, parse_policies
+
+if TYPE_CHECKING:
+    from .generate import Bounds
+    from .session import ModelOptions
 
 OPT_MODEL = "--gemma-model"
 OPT_POLICIES = "--gemma-policies"
@@ -33,6 +38,12 @@ OPT_DEVICE = "--gemma-device"
 OPT_CORPUS = "--corpus-dir"
 OPT_NO_SAVE = "--gemma-no-save"
 OPT_STRICT_SITE = "--gemma-strict-site"
+OPT_LONG = "--gemma-long"
+# A gemma_pytorch checkpoint given as --gemma-model needs these (the CLI's --variant/--config/
+# --tokenizer); a GGUF file or a Hugging Face directory carries its own.
+OPT_VARIANT = "--gemma-variant"
+OPT_CONFIG = "--gemma-config"
+OPT_TOKENIZER = "--gemma-tokenizer"
 
 DEFAULT_MODEL = "gemma3-270m"
 DEFAULT_POLICIES = "all"
@@ -57,10 +68,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("gemma-fuzz", "Gemma NaN/Inf fuzzing")
     g.addoption(OPT_MODEL, default=DEFAULT_MODEL,
-                help="model SPEC: zoo name (gemma3-270m, tiny, tiny-planted…) or .gguf path")
+                help="model SPEC: zoo name (gemma3-270m, tiny, tiny-planted…), a .gguf file, a "
+                     "Hugging Face directory (config.json + safetensors), or a gemma_pytorch "
+                     f"checkpoint with {OPT_VARIANT}/{OPT_CONFIG} and {OPT_TOKENIZER}")
+    g.addoption(OPT_VARIANT, default=None,
+                help="upstream variant of a gemma_pytorch checkpoint (2b, 7b, 9b, 1b, 270m, …)")
+    g.addoption(OPT_CONFIG, default=None,
+                help="GemmaConfig JSON (upstream field names) of a gemma_pytorch checkpoint")
+    g.addoption(OPT_TOKENIZER, default=None, help="SentencePiece .model of a checkpoint")
     g.addoption(OPT_POLICIES, default=DEFAULT_POLICIES,
                 help=f"comma-separated policies or 'all' ({', '.join(POLICIES)})")
-    g.addoption(OPT_ENGINE, default="builtin", choices=("builtin", "upstream"))
+    g.addoption(OPT_ENGINE, default="builtin", choices=ENGINES,
+                help="who computes: builtin, upstream (google/gemma_pytorch), transformers "
+                     "(its default attention), transformers-eager or transformers-sdpa")
     g.addoption(OPT_NO_BOS, action="store_true", help="fuzz without BOS (raw continuation)")
     g.addoption(OPT_BOTH_BOS, action="store_true", help="fuzz with and without BOS")
     g.addoption(OPT_MAX_NEW_TOKENS, type=int, default=DEFAULT_MAX_NEW_TOKENS)
@@ -69,6 +89,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption(OPT_NO_SAVE, action="store_true", help="do not save shrunk failures to corpus")
     g.addoption(OPT_STRICT_SITE, action="store_true",
                 help="corpus replay: fail when a case still fails but its first site moved")
+    g.addoption(OPT_LONG, action="store_true",
+                help="long generations (fuzz.long): 128 decode steps (unless "
+                     f"{OPT_MAX_NEW_TOKENS} is given), prompts up to 1024 tokens, and "
+                     "tests/test_fuzz.py's long-prompt test")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -107,7 +131,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"gemma-fuzz: model={config.getoption(OPT_MODEL)} "
         f"policies={','.join(p.name for p in parse_policies(config.getoption(OPT_POLICIES)))} "
         f"engine={config.getoption(OPT_ENGINE)} bos={'/'.join(map(str, bos_modes(config)))} "
-        f"max_new_tokens={config.getoption(OPT_MAX_NEW_TOKENS)} corpus={corpus_dir(config)}",
+        f"max_new_tokens={config.getoption(OPT_MAX_NEW_TOKENS)} corpus={corpus_dir(config)}"
+        + (" long=on" if config.getoption(OPT_LONG) else ""),
         f"gemma-fuzz: hypothesis profile={profile} seed="
         f"{seed if seed is not None else ('derandomized' if settings().derandomize else 'random')}",
     ]
@@ -135,6 +160,17 @@ def worker_device(device: str) -> str:
     return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
 
 
+def model_options(config: pytest.Config) -> ModelOptions:
+    """The model under test as the options name it (the CLI's --model/--variant/--config/
+    --tokenizer/--engine/--device)."""
+    from .session import ModelOptions
+
+    return ModelOptions(config.getoption(OPT_MODEL), config.getoption(OPT_VARIANT),
+                        config.getoption(OPT_CONFIG), config.getoption(OPT_TOKENIZER),
+                        engine=config.getoption(OPT_ENGINE),
+                        device=worker_device(config.getoption(OPT_DEVICE)))
+
+
 class FuzzHarness:
     """What a fuzz test calls: run one prompt, fail on a new signature (or on any non-finite
     value under a policy declared safe)."""
@@ -150,17 +186,21 @@ class FuzzHarness:
         if self._session is None:
             from .engine.zoo import ModelNotInstalled
             from .generate import Bounds
-            from .session import ModelOptions, Session
+            from .session import Session
 
-            options = ModelOptions(self.config.getoption(OPT_MODEL),
-                                   engine=self.config.getoption(OPT_ENGINE),
-                                   device=worker_device(self.config.getoption(OPT_DEVICE)))
+            options = model_options(self.config)
             bounds = Bounds(max_new_tokens=self.config.getoption(OPT_MAX_NEW_TOKENS))
+            if self.long:
+                bounds = plugin_long_bounds(bounds)
             try:
                 self._session = Session.open(options, bounds, batch_size=8)
             except ModelNotInstalled as err:
                 pytest.skip(str(err))
         return self._session
+
+    @property
+    def long(self) -> bool:
+        return bool(self.config.getoption(OPT_LONG))
 
     @property
     def known(self) -> set:
@@ -169,11 +209,11 @@ class FuzzHarness:
         return self._known
 
     def check(self, text: str, policy: str, add_bos: bool = True) -> None:
-        from hypothesis import reject
+        from hypothesis import reject, target
 
         from .generate import EmptyPrompt, PromptSpec, PromptTooLong
         from .robustness import passes_margin
-        from .search import error_for
+        from .search import error_for, steering_score
 
         spec = PromptSpec(text, add_bos=add_bos)
         safe = get_policy(policy).expected_safe
@@ -183,8 +223,21 @@ class FuzzHarness:
             reject()  # over the token bound, or no token at all: not a prompt this run can feed
         # Under an unsafe policy a failure below the margin a case needs is marginal: it would
         # not reproduce on every machine, so it is not a new bug to shrink (fuzz.robustness).
+        # Steer as `fuzz run` does: toward content headroom, never toward known signatures.
+        target(steering_score([screened]))
         if screened.new and (safe or passes_margin(screened.verdict, self.session.min_margin)):
             raise error_for(screened.signature)(screened, spec)
+
+
+def plugin_long_bounds(bounds: Bounds) -> Bounds:
+    """fuzz.long's bounds; this plugin's own step default (8) counts as a default too."""
+    import dataclasses
+
+    from .long import LONG_MAX_NEW_TOKENS, long_bounds
+
+    if bounds.max_new_tokens == DEFAULT_MAX_NEW_TOKENS:
+        bounds = dataclasses.replace(bounds, max_new_tokens=LONG_MAX_NEW_TOKENS)
+    return long_bounds(bounds)
 
 
 @pytest.fixture(scope="session")

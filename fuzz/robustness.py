@@ -21,6 +21,7 @@ why; it is not saved as a regression case.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,17 +217,18 @@ def assess(session: Session, spec: PromptSpec, policy: str,
     if not verdict.nonfinite:
         none = Outcome("alone", verdict.status, None, "", None)
         return Assessment(spec, verdict, None, Robustness((none,), False, verdict.status, None))
-    f32 = session.model.engine(get_policy("float32"), session.device, "builtin")
+    f32 = session.engine(get_policy("float32"))  # the session's engine: the finding's
     sig = session.signature(verdict, spec.chat)
     return Assessment(spec, verdict, measure(verdict, f32),
                       check_robustness(session, spec, policy, sig, bounds))
 
 
-def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, step: int
-             ) -> Assessment:
+def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, step: int,
+             deadline: float = math.inf) -> Assessment:
     """The case to save for a finding: minimized while it keeps its signature, its margin and
-    every kernel variation (bounds cut to the failing step while minimizing), then assessed
-    under the full bounds. A prompt that is not robust to begin with is assessed as it is."""
+    every kernel variation (bounds cut to the failing step while minimizing; minimizing stops at
+    `deadline`, a time.monotonic() value), then assessed under the full bounds. A prompt that is
+    not robust to begin with is assessed as it is."""
     capped = session.capped(step)
 
     def holds(candidate: PromptSpec, alone: Verdict) -> bool:
@@ -235,7 +237,8 @@ def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, st
 
     start = session.run([spec], policy, capped)[0]
     if start.nonfinite and session.signature(start, spec.chat) == sig and holds(spec, start):
-        spec, _ = minimize_text(session, spec, policy, sig, capped, keeps=holds)
+        spec, _ = minimize_text(session, spec, policy, sig, capped, keeps=holds,
+                                deadline=deadline)
     return assess(session, spec, policy)
 
 

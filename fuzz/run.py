@@ -1,17 +1,18 @@
 """The fuzz job (`python -m fuzz run`): search until the budget ends, save each new signature.
 
-The budget is shared by every (policy, BOS mode) in turn — unsafe policies first, since that is
-where findings are expected — in Hypothesis rounds of `--round-examples` examples. A round ends
-early when it finds a new signature; the minimal example is explained, saved to the corpus and
-added to the known signatures, and the search goes on. Ctrl-C / SIGTERM stops the search, saves
-the shortest failing prompt of any signature still being shrunk, and writes the report.
+The budget is shared by every (policy, BOS mode) as fuzz.schedule states (unsafe policies get
+more); each round is one Hypothesis run of up to `--round-examples` examples on one mode, drawing
+fresh prompts and edits of that mode's nearest misses (fuzz.search). A round ends early when it
+finds a new signature: the minimal example is minimized further, measured under every kernel
+variation (fuzz.robustness), saved to the corpus when it is a regression case, and the search goes
+on. The budget is wall time and hard: the job ends, report written, within it plus
+fuzz.schedule.TAIL_S. Ctrl-C / SIGTERM stops the search, measures and saves the shortest failing
+prompt of any signature still being shrunk, and writes the report.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import math
-import random
 import shlex
 import signal
 import sys
@@ -22,21 +23,24 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from hypothesis.database import DirectoryBasedExampleDatabase
 
 import fuzz
 
 from .corpus import Corpus, Signature
+from .database import open_database
 from .generate import Bounds
+from .long import long_batch_size, long_bounds, long_strategy
+from .positions import session_position_map
 from .precision import PrecisionPolicy, parse_policies
+from .progress import Progress, print_summary
+from .proposals import Proposer
 from .report import PolicySummary, RunSummary
 from .robustness import assess, finalize
-from .search import BudgetExhausted, NewSignature, Search, mutate_nearest
+from .schedule import Mode, Schedule
+from .search import BudgetExhausted, NewSignature, Search, round_strategy
 from .session import ModelOptions, Session
 from .strategies import prompts
 
-UNSAFE_ROUND_FACTOR = 3
-MUTATION_BATCHES = 4  # mutation batches after each unsafe round (each: 4 near misses x 4 edits)
 MARGINAL_TRIES = 2  # marginal findings of one signature before this run stops chasing it
 
 
@@ -47,33 +51,44 @@ class FuzzJob:
     bos_modes: list[bool]
     budget_s: float
     corpus: Corpus
-    database: Optional[Path]
+    database: Optional[str]  # a directory or redis://HOST:PORT/N (fuzz.database)
     seed: int
     round_examples: int
     report: Optional[str]
     quiet: bool = False
     fail_on_new: bool = False
+    long: bool = False  # the long-generation profile (fuzz.long): long prompts, 128 steps
+    gradient: bool = False  # a third arm per round: gradient-guided swaps (fuzz.proposals)
     summaries: dict[str, PolicySummary] = field(default_factory=dict)  # per policy, in order
     known: set[Signature] = field(default_factory=set)
     marginal_tries: dict[Signature, int] = field(default_factory=dict)
     started: float = 0.0
     started_at: str = ""
     stopped: str = "budget"
+    schedule: Optional[Schedule] = None
+    progress: Optional[Progress] = None
+    _proposers: dict[str, Proposer] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
                   ) -> FuzzJob:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        session = Session.open(options, bounds, args.batch_size)
+        long = bool(getattr(args, "long", False))
+        if long:
+            bounds, batch_size = long_bounds(bounds), long_batch_size(args.batch_size)
+        else:
+            batch_size = args.batch_size
+        session = Session.open(options, bounds, batch_size)
         session.min_margin = args.min_margin
         policies = parse_policies(args.policies)
         # Unsafe policies first: that is where overflows are expected.
         policies.sort(key=lambda p: p.expected_safe)
         return cls(session, policies, [False] if args.no_bos else [True, False], args.budget,
-                   Corpus(Path(args.corpus)), Path(args.database) if args.database else None,
+                   Corpus(Path(args.corpus)), args.database or None,
                    args.seed if args.seed is not None else int(time.time()) % 2**31,
-                   args.round_examples, args.report, args.quiet, args.fail_on_new)
+                   args.round_examples, args.report, args.quiet, args.fail_on_new, long,
+                   bool(getattr(args, "gradient", False)))
 
     def __post_init__(self) -> None:
         self.summaries = {p.name: PolicySummary.for_policy(p.name, self.bos_modes)
@@ -92,17 +107,25 @@ class FuzzJob:
         self.started = time.monotonic()
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.known = self.session.known_signatures(self.corpus)
+        self.schedule = Schedule.plan(self.policies, self.bos_modes, self.budget_s, self.started)
+        self.progress = Progress(self.budget_s, self.started, self.quiet)
+        self._database = open_database(self.database)  # a bad spec fails here, not mid-run
+        self._fresh = (long_strategy(self.session) if self.long else
+                       prompts(max_chars=4 * self.session.bounds.max_prompt_tokens,
+                               vocabulary=self.session.model.tokenizer.vocabulary()))
+        if not self.quiet:
+            print(f"budget {self.budget_s:.0f}s shared: {self.schedule.shares_text()}",
+                  file=sys.stderr)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        bar = self._progress_bar()
         try:
-            self._search(bar)
+            self._search()
         except KeyboardInterrupt:
             self.stopped = "interrupted"
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if bar is not None:
-                bar.close()
-        self._print_summary()
+            self.progress.close()
+        print_summary(self.session.model.name, list(self.summaries.values()),
+                      time.monotonic() - self.started, self.stopped, str(self.corpus.root))
         if self.report:
             for path in self._write_report():
                 print(f"report: {path}")
@@ -125,58 +148,66 @@ class FuzzJob:
             return 1
         return 0
 
-    def _search(self, bar) -> None:
-        combos = [(p, bos) for p in self.policies for bos in self.bos_modes]
-        deadline = self.started + self.budget_s
-        round_index = 0
-        while time.monotonic() < deadline:
-            policy, bos = combos[round_index % len(combos)]
-            self._round(policy, bos, round_index, deadline, bar)
-            round_index += 1
+    def _search(self) -> None:
+        while (mode := self.schedule.next_mode(time.monotonic())) is not None:
+            began = time.monotonic()
+            try:
+                self._round(mode)
+            finally:
+                mode.used_s += time.monotonic() - began
+                mode.rounds += 1
+                counts = self.summaries[mode.policy.name].mode(mode.add_bos)
+                counts.seconds, counts.saturated = mode.used_s, mode.saturated
 
-    def _round(self, policy: PrecisionPolicy, bos: bool, index: int, deadline: float, bar) -> None:
-        search = Search(self.session, policy.name, bos, self.known, self.summaries[policy.name],
-                        deadline, on_batch=lambda: self._tick(bar))
-        digest = hashlib.sha256(
-            f"{self.session.model.fingerprint}/{policy.name}/bos={bos}".encode()).digest()
-        database = DirectoryBasedExampleDatabase(str(self.database)) if self.database else None
-        strategy = prompts(max_chars=4 * self.session.bounds.max_prompt_tokens)
-        # Unsafe policies get longer rounds: that is where findings are expected, and
-        # Hypothesis's targeting (hill-climbing on headroom) needs examples to climb with.
-        examples = self.round_examples * (1 if policy.expected_safe else UNSAFE_ROUND_FACTOR)
+    def _round(self, mode: Mode) -> None:
+        policy, now = mode.policy, time.monotonic()
+        summary = self.summaries[policy.name]
+        search = Search(self.session, policy.name, mode.add_bos, self.known, summary,
+                        self.schedule.round_deadline(mode, now), self.schedule.shrink_deadline,
+                        on_batch=lambda: self._tick(mode))
+        digest = hashlib.sha256(f"{self.session.model.fingerprint}/{policy.name}/"
+                                f"bos={mode.add_bos}".encode()).digest()
+        proposed = self._proposer(mode).for_round(search.misses()) if self.gradient else []
+        strategy = round_strategy(self._fresh, search.pool(), proposed)
         try:
-            found = search.run(strategy, examples, database, digest, seed=self.seed + index)
-        except BudgetExhausted:  # shrinking outlived the budget: minimize what it had so far
+            found = search.run(strategy, self.round_examples, self._database, digest,
+                               seed=self.seed * 1000 + sum(m.rounds for m in self.schedule.modes))
+        except BudgetExhausted:  # a shrink outlived the budget: take its best so far, unshrunk
             found = list(search.pending.values())
-        except KeyboardInterrupt:  # save at once, unminimized: a second signal may follow
+        except KeyboardInterrupt:  # measure and save what was found: a second signal may follow
             for err in search.pending.values():
                 if err.screened.signature not in self.known:
                     self._save(err, "interrupted")
             raise
-        for err in found:
-            self._save(err, "shrunk")
-        if not policy.expected_safe and time.monotonic() < deadline:
-            self._mutation_stage(search, index)
+        mode.saturated = search.saturated
+        for i, err in enumerate(found):
+            try:
+                self._save(err, "shrunk")
+            except KeyboardInterrupt:  # stopped while minimizing: keep what is being minimized
+                for rest in found[i:]:
+                    if rest.screened.signature not in self.known:
+                        self._save(rest, "interrupted")
+                raise
 
-    def _mutation_stage(self, search: Search, index: int) -> None:
-        """Edits of the nearest misses, a few batches, until one yields nothing new."""
-        rng = random.Random(self.seed * 1000 + index)
-        for _ in range(MUTATION_BATCHES):
-            found = mutate_nearest(search, rng)
-            for err in found:
-                self._save(err, "mutated")
-            if not found:
-                break
+    def _proposer(self, mode: Mode) -> Proposer:
+        """One per mode: its proposals are prompts of that BOS mode."""
+        return self._proposers.setdefault(mode.name, Proposer(self.session))
+
+    def _tick(self, mode: Mode) -> None:
+        counts = self.summaries[mode.policy.name].mode(mode.add_bos)
+        self.progress.tick(mode.name, self.examples, len(self.findings), counts.best_headroom)
 
     def _save(self, err: NewSignature, how: str) -> None:
         """Minimizes (unless interrupted), measures and saves a finding when it is a regression
         case every machine will reproduce; a marginal one is reported, not saved."""
         found = err.screened.verdict
-        if how == "interrupted":  # no time to minimize, but a case must still hold everywhere
+        if how != "interrupted" and time.monotonic() >= self.schedule.minimize_deadline:
+            how = "cut"  # the budget's tail has no time left to minimize: measured as found
+        if how in ("interrupted", "cut"):  # unminimized, but a case must still hold everywhere
             assessment = assess(self.session, err.spec, found.policy)
         else:
             assessment = finalize(self.session, err.spec, found.policy, err.screened.signature,
-                                  found.first_nonfinite.step)
+                                  found.first_nonfinite.step, self.schedule.minimize_deadline)
         verdict, spec = assessment.verdict, assessment.spec
         if not verdict.nonfinite:  # a deterministic engine fails again; say so if it does not
             print(f"warning: {spec.text!r} did not fail again on replay; not saved",
@@ -191,8 +222,12 @@ class FuzzJob:
         else:
             self._note_marginal(case.signature)
             status, path = "marginal", None
-        self.summaries[verdict.policy].add_finding(verdict, status, path, case.signature, how,
-                                                   case.margin, case.robustness)
+        finding = self.summaries[verdict.policy].add_finding(
+            verdict, status, path, case.signature, how, case.margin, case.robustness)
+        # the report's heat map: one more run of the saved prompt, keeping per-position maxima
+        # (not after Ctrl-C/SIGTERM: the user asked the job to stop)
+        if how != "interrupted":
+            finding.positions = session_position_map(self.session, spec, verdict).to_dict()
 
     def _note_marginal(self, sig: Signature) -> None:
         """After MARGINAL_TRIES marginal findings of one signature, this run stops chasing it
@@ -201,44 +236,7 @@ class FuzzJob:
         if self.marginal_tries[sig] >= MARGINAL_TRIES:
             self.known.add(sig)
 
-    # --- progress and summary ------------------------------------------------------------------
-    def _progress_bar(self):
-        if self.quiet:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=round(self.budget_s), unit="s", desc="fuzz", dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30.0,
-                    bar_format="{desc} {bar} {n_fmt}/{total_fmt}s {postfix}", file=sys.stderr)
-
-    def _tick(self, bar) -> None:
-        if bar is None:
-            return
-        elapsed = time.monotonic() - self.started
-        bar.n = min(round(elapsed), bar.total)
-        rate = self.examples / elapsed if elapsed > 0 else 0.0
-        best = " ".join(f"{p}:{s.best_headroom:.3g}" for p, s in self.summaries.items()
-                        if s.examples)
-        bar.set_postfix_str(f"examples {self.examples} ({rate:.2f}/s) "
-                            f"findings {len(self.findings)} headroom {best}", refresh=False)
-        bar.update(0)
-
-    def _print_summary(self) -> None:
-        elapsed = time.monotonic() - self.started
-        findings = self.findings
-        print(f"\n{self.session.model.name}: {self.examples} prompts screened in "
-              f"{elapsed:.0f}s ({self.stopped}); {len(findings)} new signature(s), "
-              f"{sum(f.is_new for f in findings)} saved to {self.corpus.root}")
-        for f in findings:
-            v, first = f.verdict, f.verdict.first_nonfinite
-            bos = "on " if v.add_bos else "off"
-            print(f"  {f.status:<16} {f.how:<11} {v.policy:<22} BOS {bos} "
-                  f"{first.kind} step {first.step} layer {first.layer} {first.site} "
-                  f"pos {first.position}  prompt {v.prompt!r}  -> {f.case_path}")
-        for policy, s in sorted(self.summaries.items()):
-            if s.examples and s.best_headroom < math.inf:
-                print(f"  best content headroom under {policy}: {s.best_headroom:.3g}")
-
+    # --- the report --------------------------------------------------------------------------
     def _write_report(self) -> list[Path]:
         from .report import write_report
 
@@ -246,7 +244,10 @@ class FuzzJob:
 
     def summary(self) -> RunSummary:
         return RunSummary(
-            model=self.session.model.name, fingerprint=self.session.model.fingerprint,
+            # The location (a zoo name, or a file model's path): the report's reproduce
+            # commands pass it to --model, where a file model's name would not load.
+            model=self.session.model.location or self.session.model.name,
+            fingerprint=self.session.model.fingerprint,
             seed=self.seed, budget_s=self.budget_s, elapsed_s=time.monotonic() - self.started,
             examples=self.examples, stopped=self.stopped, device=self.session.device,
             tool_version=fuzz.__version__, torch_version=str(torch.__version__),
@@ -254,6 +255,7 @@ class FuzzJob:
             corpus_dir=str(self.corpus.root),
             started=self.started_at, engine=self.session.engine_kind,
             batch_size=self.session.batch_size, round_examples=self.round_examples,
+            long=self.long,
             command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 

@@ -16,12 +16,21 @@ from typing import Optional
 import torch
 
 from .corpus import Case, Corpus, Signature, finder_info, signature
-from .engine.loaded import LoadedModel
+from .engine.kernels import default_screen_kernel, kernel, screening_kernel
+from .engine.loaded import ENGINES, LoadedModel
 from .engine.zoo import load_model
 from .generate import Bounds, PromptSpec, encode_prompt, explain, generate
 from .precision import POLICIES, PrecisionPolicy, get_policy
 from .robustness import MIN_MARGIN
 from .verdict import Verdict
+
+# A verdict from a non-faithful screening kernel is re-run with the faithful one (native float16)
+# when its smallest headroom (limit / max |x| over every site, step and position) is under this:
+# a near miss could overflow natively. The largest kernel flip measured on Gemma 3 270M without
+# BOS was at a margin of 1.040 (a decode-step finding whose greedy tokens diverged; prefill flips
+# stayed under 1.010: docs/NUMERICS.md); 1.05 covers it with a quarter to spare, and
+# benchmarks/bench_throughput.py measures how often screen and faithful still disagree.
+NEAR_MISS_HEADROOM = 1.05
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -68,13 +77,20 @@ class Session:
     # The least margin (unrounded sum / limit) a finding needs to become a regression case
     # (fuzz.robustness, where the default is derived)
     min_margin: float = MIN_MARGIN
+    # The kernel that screens float16 policies (fuzz.engine.kernels): "native", "fp32-accumulate"
+    # or "auto" (a start-up measurement picks fp32-accumulate only where it is clearly faster);
+    # GEMMA_FUZZ_SCREEN_KERNEL sets the default. Verdicts that count are faithful either way.
+    screen_kernel: str = field(default_factory=default_screen_kernel)
+    # policy name -> the kernel that screened it last (what a report or a benchmark states)
+    screened_with: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, options: ModelOptions, bounds: Optional[Bounds] = None, batch_size: int = 8
              ) -> Session:
-        if options.engine not in ("builtin", "upstream"):
-            raise ValueError(f"unknown engine {options.engine!r}; valid engines: builtin, upstream")
+        if options.engine not in ENGINES:
+            raise ValueError(f"unknown engine {options.engine!r}; valid engines: "
+                             f"{', '.join(ENGINES)}")
         return cls(options.load(), options.engine, resolve_device(options.device),
                    bounds or Bounds(),
                    1 if options.engine == "upstream" else batch_size)
@@ -89,8 +105,8 @@ class Session:
     @property
     def supports_padding(self) -> bool:
         """Whether prompts of different lengths can share a batch (upstream's forward takes one
-        position vector for every row)."""
-        return self.engine_kind == "builtin"
+        position vector for every row; transformers takes an attention mask and position ids)."""
+        return self.engine_kind != "upstream"
 
     def run(self, specs: Sequence[PromptSpec], policy: str | PrecisionPolicy,
             bounds: Optional[Bounds] = None) -> list[Verdict]:
@@ -133,6 +149,15 @@ class Session:
         return dataclasses.replace(self.bounds,
                                    max_new_tokens=min(self.bounds.max_new_tokens, step + 1))
 
+    def screening_kernel(self, policy: str | PrecisionPolicy) -> str:
+        """The matmul kernel `screen` runs `policy` with. Only the built-in engine on the CPU
+        has a choice (upstream computes its own matmuls; the start-up measurement is of CPU
+        kernels), and only for float16 products."""
+        pol = get_policy(policy) if isinstance(policy, str) else policy
+        if self.engine_kind != "builtin" or self.device != "cpu":
+            return "native"
+        return screening_kernel(self.screen_kernel, pol.dtype)
+
     def screen(self, specs: Sequence[PromptSpec], policy: str, known: set[Signature],
                bounds: Optional[Bounds] = None) -> list[Screened]:
         """Runs the prompts in batches; a new signature is confirmed by running its prompt
@@ -141,12 +166,31 @@ class Session:
         Why: CPU matmul kernels round differently for 1 row and for 8 (gemv vs gemm), and an
         overflow near 65504 turns on one float16 ulp (32 there). Measured on Gemma 3 270M
         without BOS: "0 00self-attention" first overflows at step 11, layer 11, residual_mlp
-        alone, but at layer 12, residual_attn in a batch of 8 (even of 8 copies of itself)."""
+        alone, but at layer 12, residual_attn in a batch of 8 (even of 8 copies of itself).
+
+        With a non-faithful screening kernel (`screening_kernel`), every verdict that is not
+        finite or is a near miss (headroom < NEAR_MISS_HEADROOM) is first re-run with the
+        faithful kernel, batched as usual; only the clearly finite ones keep the screening
+        verdict. So every non-finite verdict returned, and every new signature, is faithful."""
+        name = self.screening_kernel(policy)
+        self.screened_with[get_policy(policy).name] = name
+        with kernel(name):
+            verdicts = self.run(specs, policy, bounds)
+        alone = [len(specs) == 1] * len(specs)  # whether a verdict comes from a run alone
+        if name != "native":
+            redo = [i for i, v in enumerate(verdicts)
+                    if not v.finite or v.min_headroom() < NEAR_MISS_HEADROOM]
+            if redo:
+                with kernel("native"):
+                    faithful = self.run([specs[i] for i in redo], policy, bounds)
+                for i, v in zip(redo, faithful):
+                    verdicts[i], alone[i] = v, len(redo) == 1
         results = []
-        for spec, v in zip(specs, self.run(specs, policy, bounds)):
+        for i, (spec, v) in enumerate(zip(specs, verdicts)):
             sig = self.signature(v, spec.chat) if v.nonfinite else None
-            if sig is not None and sig not in known and len(specs) > 1:
-                v = self.run([spec], policy, bounds)[0]
+            if sig is not None and sig not in known and not alone[i]:
+                with kernel("native"):
+                    v = self.run([spec], policy, bounds)[0]
                 sig = self.signature(v, spec.chat) if v.nonfinite else None
             results.append(Screened(v, sig, sig is not None and sig not in known))
         return results
@@ -159,6 +203,7 @@ class Session:
             bounds=(bounds or self.bounds).to_dict(),
             finder=finder_info(seed=seed, strategy=strategy, device=self.device),
             chat=chat, safe_policies=self.safe_policies, margin=margin, robustness=robustness,
+            model_location=self.model.location or None,
         )
 
     def signature(self, verdict: Verdict, chat: bool = False) -> Signature:

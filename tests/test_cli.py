@@ -185,7 +185,8 @@ def test_parse_duration():
 
 def test_run_saves_each_new_signature_once_and_writes_a_report(tmp_path):
     corpus, report = tmp_path / "corpus", tmp_path / "report"
-    args = ["run", "--model", "tiny-planted", "--policies", "float16,bfloat16", "--budget", "45s",
+    args = ["run", "--model", "tiny-planted", "--policies", "float16,bfloat16", "--no-bos",
+            "--budget", "45s",
             "--corpus", str(corpus), "--database", str(tmp_path / "db"), "--seed", "3",
             "--max-new-tokens", "2", "--round-examples", "15", "--quiet"]
     first = run_cli(*args, "--report", str(report), "--fail-on-new")
@@ -210,6 +211,25 @@ def test_run_exits_1_when_a_policy_declared_safe_went_nonfinite(tmp_path):
     assert job.exit_code() == 0
     job.summaries["bfloat16"].observe(broken)  # counted as if bfloat16 had gone non-finite
     assert job.exit_code() == 1
+
+
+def test_an_interrupt_while_minimizing_still_saves_the_finding(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM during the minimizer (after Hypothesis's shrink) keeps the finding,
+    measured as found, instead of losing it with the minimizer's work."""
+    import fuzz.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fuzz.run, "finalize", interrupted)
+    session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2))
+    job = FuzzJob(session, parse_policies("float16"), [False], 120.0, Corpus(tmp_path / "c"),
+                  None, 3, 15, None, quiet=True)
+    job.main()
+    assert job.stopped == "interrupted"
+    [finding] = job.summaries["float16"].findings
+    assert finding.how == "interrupted" and finding.case_path is not None
+    assert len(Corpus(tmp_path / "c").cases("tiny-planted")) == 1
 
 
 def test_sigterm_mid_run_keeps_findings_and_leaves_no_partial_file(tmp_path):

@@ -37,9 +37,9 @@ def test_markdown_names_prompt_site_and_overflowing_terms(tmp_path: Path) -> Non
     assert "token id 2" in md
     assert "channel 163: 55008 + 13376 = 68384 > 65504" in md
     assert str(tmp_path / "corpus/x/abc.json") in md
-    assert ("| float16 | float16 | no | on | 1 | 1 | 0 | 1 | 0 | 0 | n/a (no finite example) "
+    assert ("| float16 | float16 | no | on | 1 | 0 | 1 | 0 | 1 | 0 | 0 | n/a (no finite example) "
             "| non-finite on 1 of 1 example |") in md
-    assert "| float16 | float16 | no | off | 2 | 0 | 0 | 0 | 0 | 0 | 2.18 |" in md
+    assert "| float16 | float16 | no | off | 2 | 0 | 0 | 0 | 0 | 0 | 0 | 2.18 |" in md
     assert "python -m fuzz run --model gemma3-270m --policies float16,float32" in md
 
 

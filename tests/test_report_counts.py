@@ -50,7 +50,7 @@ def test_known_signature_hits_are_counted_and_named(tmp_path: Path) -> None:
     md, page = render_markdown(s), render_html(s)
     bos_row = row(md, "float16", "on")
     assert "finite on every example" not in bos_row
-    assert "| on | 412 | 412 | 412 | 0 | 0 | 0 | n/a (no finite example) |" in bos_row
+    assert "| on | 412 | 0 | 412 | 412 | 0 | 0 | 0 | n/a (no finite example) |" in bos_row
     assert bos_row.endswith("| non-finite on 412 of 412 examples (all under known signatures) |")
     assert row(md, "float16", "off").endswith("| finite on every example |")
     assert "Status: non-finite on 412 of 573 examples (all under known signatures)." in md
@@ -170,7 +170,7 @@ def test_margins_and_robustness_are_shown_and_marginal_is_not_saved(tmp_path: Pa
     assert "- margin 1.0050 x the limit at step 0 layer 7 residual_mlp: `'1234'`" in md
     assert md.count("`'1234'`") == 1
     # BOS off: 2 finite + 4 non-finite (1 marginal finding, 2 distinct marginal prompts)
-    assert "| off | 6 | 4 | 0 | 0 | 3 | 0 | 2.18 | non-finite on 4 of 6 examples |" in md
+    assert "| off | 6 | 0 | 4 | 0 | 0 | 3 | 0 | 2.18 | non-finite on 4 of 6 examples |" in md
     assert "2 findings: 1 new (saved), 1 marginal (not saved)" in md
     page = render_html(s)
     assert "<script>" not in page and "&lt;script&gt;" in page and "99 &amp; &lt;b&gt;" in page

@@ -63,6 +63,8 @@ def run_command(summary: RunSummary) -> str:
         parts += ["--round-examples", str(summary.round_examples)]
     if {m for p in summary.policies for m in p.bos_modes} == {False}:
         parts.append("--no-bos")
+    if summary.long:  # the long-prompt strategy: the bounds alone would not bring it back
+        parts.append("--long")
     return " ".join(parts + _engine_args(summary))
 
 

@@ -35,9 +35,17 @@ def report_paths(path: str | Path) -> tuple[Path, Path, Path]:
 
 
 def write_report(summary: RunSummary, path: str | Path) -> list[Path]:
-    """Writes <stem>.md, <stem>.html (self-contained, with plots) and <stem>.json; returns them."""
+    """Writes <stem>.md, <stem>.html (self-contained, with plots) and <stem>.json, and each
+    finding's heat map as <stem>.<policy>.finding-<i>.png (the markdown links them: a markdown
+    file cannot hold an image); returns them."""
     md_path, html_path, json_path = report_paths(path)
-    write_atomic(md_path, render_markdown(summary).encode("utf-8"))
-    write_atomic(html_path, render_html(summary, render_plots(summary)).encode("utf-8"))
+    plots = render_plots(summary)
+    images = {key: md_path.with_name(f"{md_path.stem}.{key.replace('/', '.')}.png")
+              for key in plots if "/" in key}  # heatmap.finding_key's keys
+    for key, image in images.items():
+        write_atomic(image, plots[key])
+    names = {key: image.name for key, image in images.items()}
+    write_atomic(md_path, render_markdown(summary, names).encode("utf-8"))
+    write_atomic(html_path, render_html(summary, plots).encode("utf-8"))
     write_atomic(json_path, summary.to_json().encode("utf-8"))
-    return [md_path, html_path, json_path]
+    return [md_path, html_path, json_path, *images.values()]

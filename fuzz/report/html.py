@@ -14,6 +14,7 @@ from typing import Any
 # shadowed in _h, _t, _code)
 from . import commands, text
 from .describe import bos_text, prompt_literal
+from .heatmap import HEATMAP_CAPTION, finding_key
 from .model import Finding, PolicySummary, RunSummary
 
 _CSS = """
@@ -79,7 +80,7 @@ def render_html(s: RunSummary, plots: dict[str, bytes] | None = None) -> str:
         f"<p>{_t(text.HEADROOM_NOTE)}</p>", f"<p>{_t(text.COUNTS_NOTE)}</p>",
     ]
     for p in s.policies:
-        parts.append(_html_policy(s, p, plots.get(p.policy)))
+        parts.append(_html_policy(s, p, plots.get(p.policy), plots))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -102,7 +103,8 @@ def _html_policy_table(s: RunSummary) -> str:
     return f"<table><tr>{head}</tr>" + "".join(rows) + "</table>"
 
 
-def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
+def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None,
+                 plots: dict[str, bytes]) -> str:
     parts = [f'<h2 id="policy-{_h(p.policy)}">Policy {_code(p.policy)} '
              f"({_h(p.dtype)}, {text.safety_text(p)})</h2>"]
     status, *counts = text.policy_counts(p)
@@ -113,7 +115,7 @@ def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
         parts.append(f"<h3>{_t(text.KNOWN_TITLE)}</h3><ul>"
                      + "".join(f"<li>{_t(row)}</li>" for row in known) + "</ul>")
     for i, (f, count) in enumerate(text.group_findings(p.findings), 1):
-        parts.append(_html_finding(s, p, f, count, i))
+        parts.append(_html_finding(s, p, f, count, i, plots.get(finding_key(p.policy, i))))
     marginal = text.marginal_rows(p)
     if marginal:
         more = text.marginal_more(p)
@@ -145,7 +147,8 @@ def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None) -> str:
     return "\n".join(parts)
 
 
-def _html_finding(s: RunSummary, p: PolicySummary, f: Finding, count: int, i: int) -> str:
+def _html_finding(s: RunSummary, p: PolicySummary, f: Finding, count: int, i: int,
+                  heatmap: bytes | None = None) -> str:
     items = []
     for label, segments in text.finding_facts(s, p, f, count):
         value = "".join(_code(part) if as_code else _t(part) for part, as_code in segments)
@@ -153,5 +156,11 @@ def _html_finding(s: RunSummary, p: PolicySummary, f: Finding, count: int, i: in
             value = f'<span class="overflow">{value}</span>'
         items.append(f"<dt>{_t(label)}</dt><dd>{value}</dd>")
     cls = "finding" if f.is_new else ("finding marginal" if f.is_marginal else "finding known")
+    figure = ""
+    if heatmap is not None:
+        data = base64.b64encode(heatmap).decode("ascii")
+        figure = (f'<figure><img alt="heat map of finding {i}, policy {_h(p.policy)}" '
+                  f'src="data:image/png;base64,{data}"><figcaption>{_t(HEATMAP_CAPTION)}'
+                  "</figcaption></figure>")
     return (f'<div class="{cls}"><h3>{_t(text.finding_heading(f, i))}</h3>'
-            f'<dl class="facts">{"".join(items)}</dl></div>')
+            f'<dl class="facts">{"".join(items)}</dl>{figure}</div>')

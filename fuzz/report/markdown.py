@@ -13,6 +13,7 @@ import re
 # the shared wording and commands, read as text.NAME and commands.NAME (text is
 # shadowed only in md_code, md_cell)
 from . import commands, text
+from .heatmap import HEATMAP_CAPTION, finding_key
 from .model import Finding, PolicySummary, RunSummary
 
 
@@ -28,7 +29,10 @@ def md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render_markdown(s: RunSummary) -> str:
+def render_markdown(s: RunSummary, images: dict[str, str] | None = None) -> str:
+    """`images`: heatmap.finding_key -> the file name of that finding's heat map (beside the
+    report), linked under the finding."""
+    images = images or {}
     out: list[str] = [f"# gemma-fuzz report: {md_code(s.model)}", ""]
     for key, value in text.header_facts(s):
         out.append(f"- **{key}:** {md_code(value) if key in text.CODE_FACTS else value}")
@@ -43,11 +47,11 @@ def render_markdown(s: RunSummary) -> str:
         out.append("| " + " | ".join(md_cell(c) for c in row.cells) + " |")
     out += ["", text.HEADROOM_NOTE, "", text.COUNTS_NOTE, ""]
     for p in s.policies:
-        out += _md_policy(s, p)
+        out += _md_policy(s, p, images)
     return "\n".join(out).rstrip() + "\n"
 
 
-def _md_policy(s: RunSummary, p: PolicySummary) -> list[str]:
+def _md_policy(s: RunSummary, p: PolicySummary, images: dict[str, str]) -> list[str]:
     out = [f"## Policy `{p.policy}` ({p.dtype}, {text.safety_text(p)})", ""]
     for line in text.policy_counts(p):
         out += [line, ""]
@@ -56,6 +60,9 @@ def _md_policy(s: RunSummary, p: PolicySummary) -> list[str]:
         out += [f"### {text.KNOWN_TITLE}", "", *(f"- {row}" for row in known), ""]
     for i, (f, count) in enumerate(text.group_findings(p.findings), 1):
         out += _md_finding(s, p, f, count, i)
+        image = images.get(finding_key(p.policy, i))
+        if image:
+            out += [f"![{HEATMAP_CAPTION}]({image})", ""]
     marginal = text.marginal_rows(p)
     if marginal:
         out += [f"### {text.MARGINAL_TITLE}", ""]

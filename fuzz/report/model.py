@@ -46,11 +46,15 @@ class Finding:
     signature: tuple  # fuzz.corpus.signature: (model, policy, add_bos, layer, site, where)
     # True when the probe named the channel and terms that overflowed. None: derive it.
     explained: bool | None = None
-    how: str = "shrunk"  # "shrunk" (by Hypothesis), "mutated" (an edit of a near miss), or
-    # "interrupted" (saved unminimized when the run was stopped)
+    # "shrunk" (by Hypothesis, then minimized), "cut" (found when the budget left no time to
+    # minimize: measured and saved as found), or "interrupted" (the run was stopped)
+    how: str = "shrunk"
     # fuzz.margin.Margin.to_dict() and fuzz.robustness.Robustness.to_dict() of the saved prompt
     margin: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
+    # fuzz.positions.PositionMap.to_dict() of the saved prompt (the finding's heat map), when
+    # the run measured it
+    positions: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in FINDING_STATUSES:
@@ -82,7 +86,7 @@ class Finding:
         return {"verdict": verdict_to_dict(self.verdict), "status": self.status,
                 "case_path": self.case_path, "signature": list(self.signature),
                 "explained": self.explained, "how": self.how, "margin": self.margin,
-                "robustness": self.robustness}
+                "robustness": self.robustness, "positions": self.positions}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
@@ -90,7 +94,8 @@ class Finding:
                    status=need(d, "status", "finding"), case_path=d.get("case_path"),
                    signature=tuple(need(d, "signature", "finding")),
                    explained=d.get("explained"), how=d.get("how", "shrunk"),
-                   margin=d.get("margin"), robustness=d.get("robustness"))
+                   margin=d.get("margin"), robustness=d.get("robustness"),
+                   positions=d.get("positions"))
 
 
 MAX_MARGINAL_EXAMPLES = 10
@@ -115,6 +120,9 @@ class ModeCounts:
     marginal_examples: list[dict[str, Any]] = field(default_factory=list)
     best_headroom: float = math.inf  # content, against the policy's own dtype
     best_float16_headroom: float = math.inf  # content, against float16's 65504
+    seconds: float = 0.0  # wall time the job spent searching this mode
+    # every prompt failed under one known signature at the BOS position (fuzz.search): given up
+    saturated: bool = False
     _marginal_seen: set = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +132,8 @@ class ModeCounts:
                           for sig, n in sorted(self.known.items(), key=lambda kv: -kv[1])],
                 "marginal": self.marginal, "marginal_examples": list(self.marginal_examples),
                 "best_headroom": self.best_headroom,
-                "best_float16_headroom": self.best_float16_headroom}
+                "best_float16_headroom": self.best_float16_headroom,
+                "seconds": self.seconds, "saturated": self.saturated}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModeCounts:
@@ -135,7 +144,8 @@ class ModeCounts:
                    marginal_examples=list(d.get("marginal_examples", [])),
                    best_headroom=float(from_json_safe(d.get("best_headroom", "inf"))),
                    best_float16_headroom=float(
-                       from_json_safe(d.get("best_float16_headroom", "inf"))))
+                       from_json_safe(d.get("best_float16_headroom", "inf"))),
+                   seconds=float(d.get("seconds", 0.0)), saturated=bool(d.get("saturated")))
 
 
 @dataclass
@@ -194,14 +204,16 @@ class PolicySummary:
         counts.best_headroom = min(counts.best_headroom, headroom)
         counts.best_float16_headroom = min(counts.best_float16_headroom,
                                            verdict.float16_headroom())
-        full = len(self.nearest_misses) >= keep
-        if full and headroom >= self.nearest_misses[-1].min_headroom(content_only=True):
+        # `keep` nearest misses per BOS mode: each mode's round edits its own (fuzz.search).
+        mine = [m for m in self.nearest_misses if m.add_bos == verdict.add_bos]
+        if len(mine) >= keep and headroom >= mine[-1].min_headroom(content_only=True):
             return  # the common case in a long run: no sort, no table walk per kept verdict
-        if any(_same_example(verdict, m) for m in self.nearest_misses):
+        if any(_same_example(verdict, m) for m in mine):
             return  # Hypothesis replays examples: one prompt must not fill the list
+        if len(mine) >= keep:
+            self.nearest_misses.remove(mine[-1])
         self.nearest_misses.append(verdict)
         self.nearest_misses.sort(key=lambda v: v.min_headroom(content_only=True))
-        del self.nearest_misses[keep:]
         if not self.findings:
             self.peak = self.nearest_misses[0]
 
@@ -308,6 +320,7 @@ class RunSummary:
     # were recorded (the reproduce command then leaves them out rather than guess them)
     batch_size: int | None = None
     round_examples: int | None = None
+    long: bool = False  # `fuzz run --long` (fuzz.long): the long-prompt strategy ran
 
     def __post_init__(self) -> None:
         if self.stopped not in STOP_REASONS:

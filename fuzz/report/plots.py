@@ -164,13 +164,16 @@ def render_png(verdict: Verdict, title: str | None = None, dpi: int = 100) -> by
 
 
 def render_plots(summary: RunSummary) -> dict[str, bytes]:
-    """One PNG per policy that has something to plot."""
+    """One PNG per policy that has something to plot, keyed by the policy's name, and a heat
+    map per mapped finding, keyed by fuzz.report.heatmap.finding_key."""
+    from .heatmap import finding_heatmaps
+
     plots = {}
     for p in summary.policies:
         verdict = p.plotted()
         if verdict is not None:
             plots[p.policy] = render_png(verdict)
-    return plots
+    return plots | finding_heatmaps(summary)
 
 
 def plot_verdict(verdict: Verdict, path: str | Path, title: str | None = None) -> Path:

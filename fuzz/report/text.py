@@ -57,6 +57,8 @@ class Tally:
     # False for a report written before non-finite examples were counted: only its findings
     # are known to have failed, so the wording says "at least" and never "finite"
     counted: bool = True
+    seconds: float = 0.0  # wall time spent on it
+    saturated: bool = False  # given up: every prompt failed at the BOS position (fuzz.search)
 
 
 def _tally(p: PolicySummary, counts: ModeCounts, findings: list[Finding],
@@ -74,7 +76,7 @@ def _tally(p: PolicySummary, counts: ModeCounts, findings: list[Finding],
                  finite=examples - nonfinite - counts.inconclusive,
                  headroom=counts.best_float16_headroom if wide else counts.best_headroom,
                  against="float16" if wide else (None if p.dtype == "float16" else p.dtype),
-                 counted=counted)
+                 counted=counted, seconds=counts.seconds, saturated=counts.saturated)
 
 
 def mode_tallies(p: PolicySummary) -> list[tuple[str, Tally]]:
@@ -100,7 +102,8 @@ def policy_tally(p: PolicySummary) -> Tally:
                    ("examples", "nonfinite", "known", "inconclusive", "new", "marginal",
                     "finite")),
                  headroom=min(t.headroom for t in tallies), against=tallies[0].against,
-                 counted=all(t.counted for t in tallies))
+                 counted=all(t.counted for t in tallies),
+                 seconds=sum(t.seconds for t in tallies))
 
 
 def _known_note(t: Tally) -> str:
@@ -113,10 +116,12 @@ def status_words(expected_safe: bool, t: Tally) -> str:
     """The status of a policy or a mode: any non-finite example is said, and is the alarm
     under a policy declared safe whether or not a finding was saved."""
     failed = f"{'' if t.counted else 'at least '}{t.nonfinite} of {plural(t.examples, 'example')}"
+    saturated = ("; saturated: every prompt failed at the BOS position under a known signature, "
+                 "so this mode was given up" if t.saturated else "")
     if t.nonfinite and expected_safe:
         return f"REGRESSION: declared safe, produced NaN/Inf on {failed}{_known_note(t)}"
     if t.nonfinite:
-        return f"non-finite on {failed}{_known_note(t)}"
+        return f"non-finite on {failed}{_known_note(t)}{saturated}"
     if t.examples == 0:
         return "not run"
     if not t.counted:
@@ -148,10 +153,11 @@ def best_headroom_text(p: PolicySummary) -> str:
     return headroom_text(policy_tally(p))
 
 
-POLICY_COLUMNS = ("policy", "dtype", "declared safe", "BOS", "examples", "non-finite",
+POLICY_COLUMNS = ("policy", "dtype", "declared safe", "BOS", "examples", "seconds", "non-finite",
                   "under known signatures", "new findings", "marginal", "inconclusive",
                   "best content headroom", "status")
-NUMERIC_COLUMNS = frozenset({"examples", "non-finite", "under known signatures", "new findings",
+NUMERIC_COLUMNS = frozenset({"examples", "seconds", "non-finite", "under known signatures",
+                             "new findings",
                              "marginal", "inconclusive", "best content headroom"})
 
 
@@ -168,7 +174,7 @@ def policy_rows(s: RunSummary) -> list[PolicyRow]:
         for bos, t in mode_tallies(p):
             rows.append(PolicyRow(
                 (p.policy, p.dtype, "yes" if p.expected_safe else "no", bos, str(t.examples),
-                 str(t.nonfinite), str(t.known), str(t.new), str(t.marginal),
+                 f"{t.seconds:.0f}", str(t.nonfinite), str(t.known), str(t.new), str(t.marginal),
                  str(t.inconclusive), headroom_text(t), status_words(p.expected_safe, t)),
                 tone(p.expected_safe, t)))
     return rows

@@ -21,8 +21,9 @@ The vocabularies ship as JSON under `fuzz/data/` (jargon.json, code.json, script
 
 Layout: `vocabulary` (the shipped vocabularies, punctuation, operators, `token_prompts`, and the
 shared helpers), `numbers` (every written form of a number), `compose` (templates, repetition,
-chat turns, and whole prompts). The chat template itself is `fuzz.engine.tokenizer`'s, re-exported
-here. Import from this package, not from the submodules: the split is an implementation detail.
+chat turns, and whole prompts), `long` (prompts past Gemma 3's 512-token sliding window). The
+chat template itself is `fuzz.engine.tokenizer`'s, re-exported here. Import from this package,
+not from the submodules: the split is an implementation detail.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from .compose import (
     structured_prompts,
     templates,
 )
+from .long import SLIDING_WINDOW, long_prompts
+from .mutate import MUTATIONS, mutants
 from .numbers import NUMBER_FORMS, numbers, roman_numeral, spell_number
 from .vocabulary import (
     CODE,
@@ -58,6 +61,8 @@ from .vocabulary import (
     jargon,
     other_scripts,
     punctuation_runs,
+    sink_piece_ids,
+    sink_token_prompts,
     token_prompts,
 )
 
@@ -72,11 +77,13 @@ __all__ = [
     "ISSUE_10_PROMPT",
     "JARGON",
     "LANGUAGES",
+    "MUTATIONS",
     "NUMBER_FORMS",
     "OPERATORS",
     "PUNCTUATION",
     "SCRIPTS",
     "SEPARATORS",
+    "SLIDING_WINDOW",
     "TEMPLATES",
     "Fragment",
     "Prompt",
@@ -85,6 +92,8 @@ __all__ = [
     "code_fragments",
     "fragments",
     "jargon",
+    "long_prompts",
+    "mutants",
     "numbers",
     "other_scripts",
     "parse_chat_turn",
@@ -92,6 +101,8 @@ __all__ = [
     "punctuation_runs",
     "repetition",
     "roman_numeral",
+    "sink_piece_ids",
+    "sink_token_prompts",
     "spell_number",
     "structured_prompts",
     "templates",
