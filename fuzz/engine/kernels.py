@@ -100,9 +100,11 @@ SCREEN_KERNEL_ENV = "GEMMA_FUZZ_SCREEN_KERNEL"
 SCREEN_KERNEL_CHOICES = ("auto", *KERNELS)
 # "auto" screens with fp32-accumulate only when it is at least this much faster than native on
 # the start-up measurement. Screening with it costs extra faithful runs (every candidate finding
-# and near miss is re-run natively, fuzz.session), so a marginal gain would be a loss; the two
-# machine kinds measured are far from the line either way: ~4.2x faster without avx512_fp16
-# (148 vs 35 GFLOP/s), ~0.55-1.1x with it (benchmarks/README.md).
+# and near miss is re-run natively, fuzz.session), so a marginal gain would be a loss. The
+# measurement is not a verdict on the whole run: on a 2-core AMD EPYC without avx512_fp16 it
+# read 0.47-0.57 once and 1.63 later (both busy), and at 1.63 the fp32-accumulate screen still
+# ran slower over the real run (0.99 vs 1.21 prompts/s, bench_throughput.py --quick); a Xeon
+# with avx512_fp16 read ~0.55-1.1. GEMMA_FUZZ_SCREEN_KERNEL=native overrides it.
 SCREEN_SPEEDUP_NEEDED = 1.5
 # Representative shapes (M, K, N) of a screening batch on Gemma 3 270M: a decode MLP projection
 # and a slice of the 262144 x 640 LM head, at 32 rows. ~0.4 GFLOP each way: ~15 ms at float16's
