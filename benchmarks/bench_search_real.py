@@ -8,11 +8,13 @@ from an empty corpus and a cold example database, for the same budget and seed:
   default   `fuzz run`'s search (steered: targeted on content headroom, half of each round
             stacked edits of the nearest misses);
   gradient  default plus gradient-guided swaps of the nearest misses (`fuzz run --gradient`).
-Figures: prompts screened, distinct signatures saved as regression cases (kernel-robust: they hold
-under every kernel variation at the margin a case needs, fuzz.robustness), marginal signatures
-(not saved), and the best content headroom. The searchers run one after another, so a busy
-machine skews their prompt counts: the header prints the load average, and --budget-prompts
-gives every searcher the same number of prompts instead of the same time.
+Figures: prompts screened, the job's wall time against its budget (the tail, limit 60 s:
+fuzz.schedule), distinct signatures saved as regression cases (kernel-robust: they hold under
+every kernel variation at the margin a case needs, fuzz.robustness), marginal signatures (not
+saved), findings the budget's tail left unmeasured (not saved), and the best content headroom.
+The searchers run one after another, so a busy machine skews their prompt counts: the header
+prints the load average, and --budget-prompts gives every searcher the same number of prompts
+instead of the same time.
 """
 from __future__ import annotations
 
@@ -72,15 +74,19 @@ def run_searcher(session: Session, searcher: str, seed: int, budget_s: float,
                             Corpus(Path(tmp) / "corpus"), str(Path(tmp) / "db"), seed, 40, None,
                             quiet=True, gradient=searcher == "gradient")
         job.max_prompts = max_prompts
+        began = time.monotonic()
         with unsteered(searcher == "random"):
             job.main()
+        wall = time.monotonic() - began  # the whole job, tail and report included
         summary = job.summaries["float16"]
         counts = summary.mode(False)
         saved = [f for f in summary.findings if f.is_new]
         marginal = [f for f in summary.findings if f.is_marginal]
+        unmeasured = [f for f in summary.findings if f.is_unmeasured]
         proposer = job._proposers.get(next(iter(m.name for m in job.schedule.modes)))
-        return [searcher, seed, counts.examples, f"{counts.seconds:.0f}", len(saved),
-                len(marginal), f"{counts.best_headroom:.4f}"
+        return [searcher, seed, counts.examples, f"{counts.seconds:.0f}",
+                f"{wall:.0f} ({wall - budget_s:+.0f})", len(saved), len(marginal),
+                len(unmeasured), f"{counts.best_headroom:.4f}"
                 if math.isfinite(counts.best_headroom) else "-",
                 f"{proposer.seconds:.0f}" if proposer else "-",
                 "; ".join(f"L{f.verdict.first_nonfinite.layer} {f.verdict.first_nonfinite.site} "
@@ -108,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         for searcher in searchers:
             rows.append(run_searcher(session, searcher, seed, args.budget, args.budget_prompts))
             print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
-    print_table(["searcher", "seed", "prompts", "seconds", "robust signatures saved",
-                 "marginal", "best headroom", "s proposing", "saved (first non-finite)"], rows)
+    print_table(["searcher", "seed", "prompts", "seconds searching", "job s (past budget)",
+                 "robust signatures saved", "marginal", "unmeasured", "best headroom",
+                 "s proposing", "saved (first non-finite)"], rows)
     return 0
 
 

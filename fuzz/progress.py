@@ -12,8 +12,10 @@ import sys
 import time
 from typing import Any, Optional
 
-from .report import PolicySummary
+from .report import RunSummary
+from .report.commands import add_command
 from .report.describe import fmt_headroom
+from .report.text import unmeasured_text
 
 
 class Progress:
@@ -45,21 +47,25 @@ class Progress:
             self.bar.close()
 
 
-def print_summary(model: str, summaries: list[PolicySummary], elapsed: float, stopped: str,
-                  corpus: str) -> None:
+def print_summary(run: RunSummary) -> None:
     """Findings, then every (policy, BOS mode): prompts screened, time, best headroom, saturated
     or never run (a warning: the budget was too short for every mode to get its share)."""
+    summaries = run.policies
     findings = [f for s in summaries for f in s.findings]
-    screened = sum(s.examples for s in summaries)
-    print(f"\n{model}: {screened} prompts screened in {elapsed:.0f}s ({stopped}); "
-          f"{len(findings)} new signature(s), {sum(f.is_new for f in findings)} saved to "
-          f"{corpus}, {sum(f.is_marginal for f in findings)} marginal (not saved)")
+    cut = unmeasured_text(summaries)
+    print(f"\n{run.model}: {run.examples} prompts screened in {run.elapsed_s:.0f}s "
+          f"({run.stopped}); {len(findings)} new signature(s), "
+          f"{sum(f.is_new for f in findings)} saved to {run.corpus_dir}, "
+          f"{sum(f.is_marginal for f in findings)} marginal (not saved){cut}")
     for f in findings:
         v, first = f.verdict, f.verdict.first_nonfinite
         bos = "on " if v.add_bos else "off"
         print(f"  {f.status:<16} {f.how:<11} {v.policy:<22} BOS {bos} "
               f"{first.kind} step {first.step} layer {first.layer} {first.site} "
               f"pos {first.position}  prompt {v.prompt!r}  -> {f.case_path}")
+        if f.is_unmeasured:
+            print(f"    measure and save it: "
+                  f"{add_command(run.model, v, run.corpus_dir, run.bounds)}")
     for s in summaries:
         for bos in s.bos_modes:
             counts = s.mode(bos)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -101,10 +102,11 @@ class Robustness:
     robust: bool
     reason: str  # "" when robust
     margin: Optional[float]  # the least margin over the variations (None: none measured)
+    cut: bool = False  # the deadline came before every variation ran: not judged, not robust
 
     def to_dict(self) -> dict:
         return {"robust": self.robust, "reason": self.reason, "margin": self.margin,
-                "variations": [o.to_dict() for o in self.outcomes]}
+                "cut": self.cut, "variations": [o.to_dict() for o in self.outcomes]}
 
 
 def thread_counts() -> list[int]:
@@ -154,16 +156,27 @@ def run_variation(session: Session, spec: PromptSpec, policy: str, variation: Va
 
 
 def check_robustness(session: Session, spec: PromptSpec, policy: str, signature: Signature,
-                     bounds: Optional[Bounds] = None) -> Robustness:
+                     bounds: Optional[Bounds] = None, deadline: float = math.inf) -> Robustness:
     """Runs every variation (bounds capped by the caller, e.g. to the failing step) and says
-    whether the finding is a regression case every machine will reproduce."""
+    whether the finding is a regression case every machine will reproduce. No variation starts
+    at or after `deadline` (a time.monotonic() value): what the deadline cut is not robust, and
+    says so (`Robustness.cut`)."""
     bounds = bounds or session.bounds
-    outcomes = []
-    for variation in variations(session.device, session.engine_kind):
+    outcomes: list[Outcome] = []
+    planned = variations(session.device, session.engine_kind)
+    for variation in planned:
+        if time.monotonic() >= deadline:
+            return cut_short(tuple(outcomes), len(planned))
         v = run_variation(session, spec, policy, variation, bounds)
         sig = session.signature(v, spec.chat) if v.nonfinite else None
         outcomes.append(Outcome(variation.name, v.status, sig, describe_where(v), v.margin))
     return judge(tuple(outcomes), signature, session.min_margin)
+
+
+def cut_short(outcomes: tuple[Outcome, ...], planned: int) -> Robustness:
+    margins = [o.margin for o in outcomes if o.margin is not None]
+    return Robustness(outcomes, False, f"cut by the budget after {len(outcomes)} of {planned} "
+                      "kernel variations", min(margins) if margins else None, cut=True)
 
 
 def judge(outcomes: tuple[Outcome, ...], signature: Signature, min_margin: float) -> Robustness:
@@ -209,9 +222,10 @@ class Assessment:
 
 
 def assess(session: Session, spec: PromptSpec, policy: str,
-           bounds: Optional[Bounds] = None) -> Assessment:
+           bounds: Optional[Bounds] = None, deadline: float = math.inf) -> Assessment:
     """Explains the failure (channel and terms), measures its margin against a float32 run fed
-    the same tokens, and runs every kernel variation (the full bounds: what replay will run)."""
+    the same tokens, and runs every kernel variation (the full bounds: what replay will run)
+    until `deadline` (fuzz.schedule: the job's budget is hard)."""
     bounds = bounds or session.bounds
     verdict = session.check(spec, policy, bounds)
     if not verdict.nonfinite:
@@ -220,26 +234,26 @@ def assess(session: Session, spec: PromptSpec, policy: str,
     f32 = session.engine(get_policy("float32"))  # the session's engine: the finding's
     sig = session.signature(verdict, spec.chat)
     return Assessment(spec, verdict, measure(verdict, f32),
-                      check_robustness(session, spec, policy, sig, bounds))
+                      check_robustness(session, spec, policy, sig, bounds, deadline))
 
 
 def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, step: int,
-             deadline: float = math.inf) -> Assessment:
+             deadline: float = math.inf, measure_deadline: float = math.inf) -> Assessment:
     """The case to save for a finding: minimized while it keeps its signature, its margin and
     every kernel variation (bounds cut to the failing step while minimizing; minimizing stops at
-    `deadline`, a time.monotonic() value), then assessed under the full bounds. A prompt that is
-    not robust to begin with is assessed as it is."""
+    `deadline`, a time.monotonic() value), then assessed under the full bounds until
+    `measure_deadline`. A prompt that is not robust to begin with is assessed as it is."""
     capped = session.capped(step)
 
     def holds(candidate: PromptSpec, alone: Verdict) -> bool:
         return passes_margin(alone, session.min_margin) and check_robustness(
-            session, candidate, policy, sig, capped).robust
+            session, candidate, policy, sig, capped, deadline).robust
 
     start = session.run([spec], policy, capped)[0]
     if start.nonfinite and session.signature(start, spec.chat) == sig and holds(spec, start):
         spec, _ = minimize_text(session, spec, policy, sig, capped, keeps=holds,
                                 deadline=deadline)
-    return assess(session, spec, policy)
+    return assess(session, spec, policy, deadline=measure_deadline)
 
 
 def describe_where(v: Verdict) -> str:

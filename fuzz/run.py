@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import shlex
 import signal
 import sys
@@ -124,10 +125,12 @@ class FuzzJob:
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.progress.close()
-        print_summary(self.session.model.name, list(self.summaries.values()),
-                      time.monotonic() - self.started, self.stopped, str(self.corpus.root))
+        summary = self.summary()
+        print_summary(summary)
         if self.report:
-            for path in self._write_report():
+            from .report import write_report
+
+            for path in write_report(summary, self.report):
                 print(f"report: {path}")
         return self.exit_code()
 
@@ -199,15 +202,23 @@ class FuzzJob:
 
     def _save(self, err: NewSignature, how: str) -> None:
         """Minimizes (unless interrupted), measures and saves a finding when it is a regression
-        case every machine will reproduce; a marginal one is reported, not saved."""
+        case every machine will reproduce; a marginal one is reported, not saved, and so is one
+        the budget left no time to measure ("unmeasured", with the command that measures it)."""
         found = err.screened.verdict
+        # After Ctrl-C/SIGTERM the user waits for the measurement (a second signal stops it);
+        # otherwise the budget is hard (fuzz.schedule).
+        measure_by = math.inf if how == "interrupted" else self.schedule.measure_deadline
         if how != "interrupted" and time.monotonic() >= self.schedule.minimize_deadline:
             how = "cut"  # the budget's tail has no time left to minimize: measured as found
+        if time.monotonic() >= measure_by:
+            self._unmeasured(err, how)
+            return
         if how in ("interrupted", "cut"):  # unminimized, but a case must still hold everywhere
-            assessment = assess(self.session, err.spec, found.policy)
+            assessment = assess(self.session, err.spec, found.policy, deadline=measure_by)
         else:
             assessment = finalize(self.session, err.spec, found.policy, err.screened.signature,
-                                  found.first_nonfinite.step, self.schedule.minimize_deadline)
+                                  found.first_nonfinite.step, self.schedule.minimize_deadline,
+                                  measure_by)
         verdict, spec = assessment.verdict, assessment.spec
         if not verdict.nonfinite:  # a deterministic engine fails again; say so if it does not
             print(f"warning: {spec.text!r} did not fail again on replay; not saved",
@@ -215,6 +226,10 @@ class FuzzJob:
             return
         case = assessment.case(self.session, seed=self.seed,
                                strategy=f"fuzz.strategies.prompts/{how}")
+        if assessment.robustness.cut:
+            self.summaries[verdict.policy].add_finding(
+                verdict, "unmeasured", None, case.signature, how, case.margin, case.robustness)
+            return
         if assessment.robust:
             result = self.corpus.save(case)
             self.known.add(case.signature)
@@ -225,9 +240,17 @@ class FuzzJob:
         finding = self.summaries[verdict.policy].add_finding(
             verdict, status, path, case.signature, how, case.margin, case.robustness)
         # the report's heat map: one more run of the saved prompt, keeping per-position maxima
-        # (not after Ctrl-C/SIGTERM: the user asked the job to stop)
-        if how != "interrupted":
+        # (not after Ctrl-C/SIGTERM: the user asked the job to stop; not past the budget)
+        if how != "interrupted" and time.monotonic() < measure_by:
             finding.positions = session_position_map(self.session, spec, verdict).to_dict()
+
+    def _unmeasured(self, err: NewSignature, how: str) -> None:
+        """A finding the budget left no time to measure: reported with its screened verdict and
+        the `fuzz add` command that measures and saves it; never saved unproven (an example
+        database, on by default, keeps it too: the next run of this mode replays it first)."""
+        verdict = err.screened.verdict
+        self.summaries[verdict.policy].add_finding(verdict, "unmeasured", None,
+                                                   err.screened.signature, how)
 
     def _note_marginal(self, sig: Signature) -> None:
         """After MARGINAL_TRIES marginal findings of one signature, this run stops chasing it
@@ -237,11 +260,6 @@ class FuzzJob:
             self.known.add(sig)
 
     # --- the report --------------------------------------------------------------------------
-    def _write_report(self) -> list[Path]:
-        from .report import write_report
-
-        return write_report(self.summary(), self.report)
-
     def summary(self) -> RunSummary:
         return RunSummary(
             # The location (a zoo name, or a file model's path): the report's reproduce

@@ -8,8 +8,11 @@ its share; a saturated mode drops out and its time flows to the others.
 
 Time: the budget is wall time. Rounds end at it; a shrink in progress may run SHRINK_TAIL_S past
 it, minimizing stops at MINIMIZE_TAIL_S past it (what is left is measured and saved unminimized,
-said as "cut"), and measuring plus the report fit in the rest of TAIL_S: the job ends within the
-budget plus TAIL_S.
+said as "cut"), measuring findings (their kernel variations and heat maps) stops at MEASURE_TAIL_S
+past it (a finding not measured by then is reported "unmeasured" with the `fuzz add` command that
+measures and saves it, never saved unproven), and the report gets the rest of TAIL_S: the job
+ends within the budget plus TAIL_S. Each step may overrun its deadline by the one model run in
+progress (a prompt: ~1-3 s on Gemma 3 270M on a 2-core CPU).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ UNSAFE_WEIGHT = 3.0
 TAIL_S = 60.0  # the most the job runs past its budget, report included
 SHRINK_TAIL_S = 15.0
 MINIMIZE_TAIL_S = 35.0
+MEASURE_TAIL_S = 50.0  # the report (text, markdown, html, pictures) needs < 5 s of the last 10
 MIN_ROUND_S = 10.0  # a round is worth its Hypothesis set-up and its database replay
 
 
@@ -65,6 +69,10 @@ class Schedule:
     @property
     def minimize_deadline(self) -> float:
         return self.hard_deadline + MINIMIZE_TAIL_S
+
+    @property
+    def measure_deadline(self) -> float:
+        return self.hard_deadline + MEASURE_TAIL_S
 
     def next_mode(self, now: float) -> Optional[Mode]:
         """The active mode furthest behind its share; None once the budget is spent."""

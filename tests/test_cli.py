@@ -232,6 +232,42 @@ def test_an_interrupt_while_minimizing_still_saves_the_finding(tmp_path, monkeyp
     assert len(Corpus(tmp_path / "c").cases("tiny-planted")) == 1
 
 
+def test_a_finding_past_the_measuring_deadline_is_reported_with_its_add_command(
+        tmp_path, capsys):
+    """The budget is hard: a finding the tail leaves no time to measure is never saved unproven;
+    the summary and the report say so and give the `fuzz add` that measures and saves it."""
+    import shlex
+
+    from fuzz.progress import print_summary
+    from fuzz.report import write_report
+    from fuzz.schedule import MEASURE_TAIL_S, Schedule
+    from fuzz.search import NewSignature
+
+    session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2))
+    corpus = tmp_path / "c"
+    job = FuzzJob(session, parse_policies("float16"), [False], 15.0, Corpus(corpus), None, 3, 15,
+                  None, quiet=True)
+    job.started = time.monotonic() - 15.0 - MEASURE_TAIL_S  # the budget and its tail are spent
+    job.schedule = Schedule.plan(job.policies, job.bos_modes, job.budget_s, job.started)
+    spec = PromptSpec("a 7", add_bos=False)
+    job._save(NewSignature(session.screen([spec], "float16", set())[0], spec), "shrunk")
+    [finding] = job.summaries["float16"].findings
+    assert finding.status == "unmeasured" and finding.how == "cut"
+    assert finding.case_path is None and not list(corpus.rglob("*.json"))
+    print_summary(job.summary())
+    out = capsys.readouterr().out
+    assert "1 unmeasured (the budget ended first; not saved)" in out
+    [command] = [line.split("measure and save it: ", 1)[1] for line in out.splitlines()
+                 if "measure and save it: " in line]
+    [md, *_] = write_report(job.summary(), str(tmp_path / "r"))
+    assert "(unmeasured, not saved)" in md.read_text() and command in md.read_text()
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "fuzz", "add"]
+    assert main(argv[3:]) == 0  # the command measures it and saves it
+    [saved] = Corpus(corpus).cases("tiny-planted")
+    assert saved.case.prompt == "a 7" and saved.case.robustness["robust"]
+
+
 def test_sigterm_mid_run_keeps_findings_and_leaves_no_partial_file(tmp_path):
     corpus = tmp_path / "corpus"
     proc = subprocess.Popen(

@@ -2,6 +2,9 @@
 fuzz.engine.kernels) on the synthetic models."""
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ from fuzz.robustness import (
     Outcome,
     Variation,
     assess,
+    check_robustness,
     judge,
     run_variation,
     thread_counts,
@@ -87,6 +91,22 @@ def test_assess_keeps_a_robust_planted_trigger(planted):
     assert all(o.status == "nonfinite" for o in a.robustness.outcomes)
     case = a.case(planted)
     assert case.robustness["robust"] and case.margin["float32"] is not None
+
+
+def test_no_variation_starts_past_the_deadline_and_a_cut_one_is_not_robust(planted, monkeypatch):
+    spec = PromptSpec("a 7")
+    sig = planted.signature(planted.run([spec], "float16")[0], False)
+    assert check_robustness(planted, spec, "float16", sig).robust
+    late = check_robustness(planted, spec, "float16", sig, deadline=time.monotonic() - 1)
+    assert late.cut and not late.robust and late.outcomes == ()
+    assert late.reason == f"cut by the budget after 0 of {len(variations())} kernel variations"
+    # a deadline that passes after two variations: those two are kept, the rest never run
+    clock = iter(range(1000))  # fuzz.robustness's own clock only: the runs keep the real one
+    monkeypatch.setattr("fuzz.robustness.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    halfway = check_robustness(planted, spec, "float16", sig, deadline=2)
+    assert halfway.cut and len(halfway.outcomes) == 2 and not halfway.robust
+    assert all(o.status == "nonfinite" for o in halfway.outcomes)
+    assert assess(planted, spec, "float16", deadline=-1).robustness.cut
 
 
 def test_a_margin_below_the_threshold_is_marginal():

@@ -41,6 +41,20 @@ def check_command(summary: RunSummary, verdict: Verdict) -> str:
     return " ".join(parts + _engine_args(summary) + ["--json"])
 
 
+def add_command(model: str, verdict: Verdict, corpus_dir: str,
+                bounds: dict | None = None) -> str:
+    """The `fuzz add` that measures a finding's kernel variations and saves it when it holds
+    (what a run does for a finding its budget left no time to measure)."""
+    parts = ["python", "-m", "fuzz", "add", "--model", shlex.quote(model),
+             "--policy", shlex.quote(verdict.policy), "--prompt", shell_quote(verdict.prompt)]
+    if not verdict.add_bos:
+        parts.append("--no-bos")
+    for key, flag in BOUND_FLAGS.items():
+        if bounds and key in bounds:
+            parts += [flag, str(bounds[key])]
+    return " ".join(parts + ["--corpus", shlex.quote(corpus_dir)])
+
+
 def duration_arg(seconds: float) -> str:
     """A --budget value that fuzz.cli.parse_duration reads back as the same seconds."""
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"

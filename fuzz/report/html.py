@@ -155,7 +155,8 @@ def _html_finding(s: RunSummary, p: PolicySummary, f: Finding, count: int, i: in
         if label == "Overflow":  # the two terms that overflowed: what the reader looks for
             value = f'<span class="overflow">{value}</span>'
         items.append(f"<dt>{_t(label)}</dt><dd>{value}</dd>")
-    cls = "finding" if f.is_new else ("finding marginal" if f.is_marginal else "finding known")
+    cls = "finding" if f.is_new else (
+        "finding marginal" if f.is_marginal or f.is_unmeasured else "finding known")
     figure = ""
     if heatmap is not None:
         data = base64.b64encode(heatmap).decode("ascii")

@@ -24,7 +24,9 @@ from .jsonform import need, verdict_from_dict, verdict_to_dict
 
 # "marginal": failed here, but not under every kernel variation or below the margin a regression
 # case needs (fuzz.robustness): reported, not saved.
-FINDING_STATUSES = ("saved", "known-signature", "duplicate-file", "marginal")
+# fuzz.corpus.SaveStatus, 'marginal' (measured: not a regression case) or 'unmeasured' (the
+# budget ended before its kernel variations were measured: not saved, see fuzz.schedule)
+FINDING_STATUSES = ("saved", "known-signature", "duplicate-file", "marginal", "unmeasured")
 STOP_REASONS = ("budget", "interrupted", "error")
 NEAREST_MISSES = 5
 
@@ -41,7 +43,7 @@ class Finding:
     """One failing example the search kept (shrunk), and what the corpus did with it."""
 
     verdict: Verdict
-    status: str  # one of FINDING_STATUSES (fuzz.corpus.SaveStatus, or 'marginal')
+    status: str  # one of FINDING_STATUSES
     case_path: str | Path | None  # where the case is (saved/duplicate) or would have gone
     signature: tuple  # fuzz.corpus.signature: (model, policy, add_bos, layer, site, where)
     # True when the probe named the channel and terms that overflowed. None: derive it.
@@ -81,6 +83,10 @@ class Finding:
     @property
     def is_marginal(self) -> bool:
         return self.status == "marginal"
+
+    @property
+    def is_unmeasured(self) -> bool:
+        return self.status == "unmeasured"
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": verdict_to_dict(self.verdict), "status": self.status,
@@ -252,6 +258,10 @@ class PolicySummary:
     @property
     def marginal_findings(self) -> int:
         return sum(f.is_marginal for f in self.findings)
+
+    @property
+    def unmeasured_findings(self) -> int:
+        return sum(f.is_unmeasured for f in self.findings)
 
     @property
     def nonfinite(self) -> int:

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .commands import check_command
+from .commands import add_command, check_command
 from .describe import (
     bos_text,
     bounds_text,
@@ -205,7 +205,9 @@ def status_text(f: Finding) -> str:
             "known-signature": "known signature (already in the corpus, not saved again)",
             "duplicate-file": "already in the corpus (same case file)",
             "marginal": "marginal: failed here, but not a regression case every machine would "
-                        "reproduce (see Robustness); not saved"}[f.status]
+                        "reproduce (see Robustness); not saved",
+            "unmeasured": "unmeasured: the budget ended before its kernel variations were "
+                          "measured; not saved (Save it: measures and saves it)"}[f.status]
 
 
 def finding_margin(f: Finding) -> dict | None:
@@ -274,11 +276,17 @@ def findings_total(s: RunSummary) -> str:
     text = (f"{plural(examples, 'example')} screened, {nonfinite} non-finite "
             f"({sum(x.known for x in t)} under known signatures); "
             f"{plural(len(s.findings), 'finding')}: {sum(p.new_findings for p in s.policies)} "
-            f"new (saved), {marginal} marginal (not saved).")
+            f"new (saved), {marginal} marginal (not saved){unmeasured_text(s.policies)}.")
     broken = [p.policy for p, x in zip(s.policies, t) if p.expected_safe and x.nonfinite]
     if broken:
         text += f" REGRESSION: declared safe, produced NaN/Inf: {', '.join(broken)}."
     return text
+
+
+def unmeasured_text(policies: Iterable[PolicySummary]) -> str:
+    """', 1 unmeasured (the budget ended first; not saved)', or nothing when there is none."""
+    n = sum(p.unmeasured_findings for p in policies)
+    return f", {n} unmeasured (the budget ended first; not saved)" if n else ""
 
 
 def safety_text(p: PolicySummary) -> str:
@@ -294,7 +302,7 @@ def policy_counts(p: PolicySummary) -> list[str]:
             f"under known signatures), {t.inconclusive} inconclusive. "
             f"{plural(len(p.findings), 'finding')}: {p.new_findings} new (saved), "
             f"{p.known_findings} already in the corpus, {p.marginal_findings} marginal "
-            f"(not saved).",
+            f"(not saved){unmeasured_text([p])}.",
             f"Best content headroom: {headroom_text(t)}."]
 
 
@@ -330,7 +338,8 @@ def marginal_more(p: PolicySummary) -> str | None:
 
 
 def finding_heading(f: Finding, i: int) -> str:
-    marginal = " (marginal, not saved)" if f.is_marginal else ""
+    marginal = " (marginal, not saved)" if f.is_marginal else \
+        " (unmeasured, not saved)" if f.is_unmeasured else ""
     return f"Finding {i}: {signature_text(f.signature, num_layers(f.verdict))}{marginal}"
 
 
@@ -352,6 +361,8 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
     if f.case_path:
         facts.append(("Case file", [(f.case_path, True)]))
     facts.append(("Reproduce", [(check_command(s, v), True)]))
+    if f.is_unmeasured:
+        facts.append(("Save it", [(add_command(s.model, v, s.corpus_dir, s.bounds), True)]))
     return facts
 
 
