@@ -14,7 +14,7 @@ database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 
   targeted  target() on -log2(content headroom), fresh draws only;
   default   `fuzz run`'s search: targeted, and each round draws half its prompts as 1-3 stacked
             edits of the nearest misses so far (fuzz.search.round_strategy,
-            fuzz.strategies.mutants), the pool snapshotted when the round starts;
+            fuzz.strategies.mutants), the pool read live (fuzz.search.Search.live_pool);
   gradient  default plus a third arm: gradient-guided single-token swaps of the two best new
             nearest misses per round (fuzz.proposals.Proposer), screened as they are.
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
@@ -140,8 +140,8 @@ def round_prompts(searcher: str, fresh: st.SearchStrategy[str], search: Search,
     (half fresh, half stacked edits of the mode's nearest misses); gradient adds the swaps
     proposed for the nearest misses."""
     if searcher == "gradient":
-        return round_strategy(fresh, search.pool(), proposer.for_round(search.misses()))
-    return round_strategy(fresh, search.pool()) if searcher == "default" else fresh
+        return round_strategy(fresh, search.live_pool, proposer.for_round(search.misses()))
+    return round_strategy(fresh, search.live_pool) if searcher == "default" else fresh
 
 
 def verify_plant(session: Session, run: int) -> str:

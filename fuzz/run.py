@@ -171,7 +171,7 @@ class FuzzJob:
         digest = hashlib.sha256(f"{self.session.model.fingerprint}/{policy.name}/"
                                 f"bos={mode.add_bos}".encode()).digest()
         proposed = self._proposer(mode).for_round(search.misses()) if self.gradient else []
-        strategy = round_strategy(self._fresh, search.pool(), proposed)
+        strategy = round_strategy(self._fresh, search.live_pool, proposed)
         try:
             found = search.run(strategy, self.round_examples, self._database, digest,
                                seed=self.seed * 1000 + sum(m.rounds for m in self.schedule.modes))

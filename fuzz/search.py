@@ -10,7 +10,8 @@ minimal example (a list of one minimal prompt). Only those final, shrunk example
 
 Steering, the default of `fuzz run` (measured against random draws in benchmarks/bench_search.py):
 - each round draws half of its prompts fresh and half as stacked edits of this mode's nearest
-  misses, snapshotted when the round starts (fuzz.strategies.mutants);
+  misses as they are when the prompt is drawn (`Search.live_pool`, refreshed after every batch
+  and frozen while a failure is shrunk; fuzz.strategies.mutants);
 - every example reports `hypothesis.target()` on -log2 of its finite prompts' content headroom,
   and the cap for a new signature; failures under KNOWN signatures score nothing, or targeting
   would climb toward bugs the corpus already holds;
@@ -32,6 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
+from hypothesis.errors import Flaky
 from hypothesis.reporting import with_reporter
 
 from .corpus import Signature
@@ -107,12 +109,13 @@ def is_saturated(counts: ModeCounts, probe: int = SATURATION_PROBE) -> bool:
 
 def round_strategy(fresh: st.SearchStrategy[str], pool: Sequence[str],
                    proposed: Sequence[str] = ()) -> st.SearchStrategy[str]:
-    """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses now); with
+    """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses, read at each
+    draw: pass `Search.live_pool`; splices of fresh fragments while it is empty); with
     `proposed` (gradient-guided swaps of the nearest misses, fuzz.proposals), a third arm that
     screens those prompts as they are."""
-    arms = [fresh] + ([mutants(pool)] if pool else []) + \
+    arms = [fresh, mutants(pool)] + \
         ([st.sampled_from(tuple(proposed))] if proposed else [])
-    return st.one_of(*arms) if len(arms) > 1 else fresh
+    return st.one_of(*arms)
 
 
 @dataclass
@@ -131,6 +134,15 @@ class Search:
     # had no time to finish shrinking.
     pending: dict[Signature, NewSignature] = field(default_factory=dict)
     saturated: bool = False
+    # The nearest misses the mutants edit, updated in place after every batch that raised
+    # nothing, frozen once a failure is pending so that Hypothesis's replays of the failing
+    # choice sequence draw the same prompt. A pool snapshotted once per round left the first
+    # round (up to 320 prompts) without mutants; read live, the median prompts to the planted
+    # digit-run trigger went from 134 to 88 (RUN 24) and from 300 to 88 (RUN 40): README.
+    live_pool: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.live_pool[:] = self.pool()
 
     @property
     def counts(self) -> ModeCounts:
@@ -172,6 +184,8 @@ class Search:
         if not self.pending and is_saturated(self.counts):
             self.saturated = True
             raise RoundOver
+        if not self.pending:
+            self.live_pool[:] = self.pool()
 
     def counts_as_finding(self, r: Screened) -> bool:
         """A new signature fails the property when a regression case could come of it: under
@@ -221,6 +235,8 @@ class Search:
             return []
         except NewSignature as err:
             return [err]
+        except Flaky:  # a replay met a pool that had changed since (live_pool): keep what failed
+            return list(self.pending.values())
         except BaseExceptionGroup as group:  # several signatures, each shrunk on its own
             matched, rest = group.split(NewSignature)
             if rest is not None:

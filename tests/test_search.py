@@ -25,6 +25,7 @@ from fuzz.search import (
     SATURATION_PROBE,
     TARGET_CAP,
     BudgetExhausted,
+    NewSignature,
     Search,
     is_saturated,
     round_strategy,
@@ -143,8 +144,33 @@ def test_mutants_edit_the_pool_and_shrink_to_one_deletion():
     drawn = find(mutants(pool), lambda t: t != pool[0] and "tensor" in t,
                  settings=settings(database=None, max_examples=200))
     assert drawn in {pool[0][1:], pool[0][:-1]} or len(drawn) == len(pool[0]) - 1
-    with pytest.raises(ValueError, match="pool of prompts to edit is empty"):
-        mutants([])
+
+
+def test_mutants_read_the_pool_when_they_draw_and_splice_into_nothing_while_it_is_empty():
+    pool: list[str] = []
+    strategy = mutants(pool)
+    spliced = find(strategy, lambda t: len(t) > 0, settings=settings(database=None))
+    assert spliced  # only a splice gives text while the pool is empty
+    pool.append("the tensor is 4096")  # the same strategy now edits what the pool holds
+    drawn = find(strategy, lambda t: "tensor" in t, settings=settings(database=None))
+    assert drawn in {pool[0][1:], pool[0][:-1]} or len(drawn) == len(pool[0]) - 1
+
+
+def test_the_live_pool_follows_the_misses_and_freezes_while_a_failure_is_pending(bos_planted,
+                                                                                monkeypatch):
+    monkeypatch.setattr("fuzz.search.target", lambda *a, **k: None)  # outside a Hypothesis run
+    summary = PolicySummary.for_policy("float16", [False])
+    search = Search(bos_planted, "float16", False, set(), summary, deadline=math.inf)
+    pool = search.live_pool
+    assert pool == []
+    search.check(["hello there", "12"])
+    assert pool == search.pool() and pool  # refreshed in place after the batch
+    failing = screened(bos_planted, "x", True, set())  # BOS overflows in this model
+    # a failure being shrunk: Hypothesis's replays must draw the same prompts
+    search.pending[CONTENT_SIG] = NewSignature(failing, PromptSpec("x", add_bos=True))
+    before = list(pool)
+    search.check(["the tensor is 4096"])
+    assert pool == before and search.pool() != before
 
 
 def test_nearest_misses_are_kept_per_bos_mode(bos_planted):
@@ -191,7 +217,9 @@ def test_the_round_strategy_screens_proposals_as_they_are():
     for wanted in proposed:
         assert find(round_strategy(fresh, [], proposed), lambda t, w=wanted: t == w,
                     settings=settings(database=None, max_examples=200)) == wanted
-    assert round_strategy(fresh, [], []) is fresh  # nothing to edit or propose: fresh only
+    pool: list[str] = []  # empty now, filled by the search later: the mutant arm is there
+    assert find(round_strategy(fresh, pool, []), lambda t: t != "fresh",
+                settings=settings(database=None, max_examples=200)) != "fresh"
 
 
 def test_the_proposer_proposes_once_per_near_miss_and_only_on_the_builtin_engine():

@@ -2,9 +2,10 @@
 
 Fresh draws rarely land next to the float16 limit: on Gemma 3 270M without BOS random search
 stalled at headroom 1.01 for 700+ prompts, while edits of those near misses overflowed in 11 of
-64 tries (measured). On the planted digit-run model (benchmarks/bench_search.py, RUN 24, 10 seeds)
-drawing half of each round as stacked edits of the nearest misses needed a median of 172 prompts
-to the first finding against 406 for random draws — AFL's "havoc" stage, driven by Hypothesis.
+64 tries (measured). On the planted digit-run model (benchmarks/bench_search.py, 10 seeds) drawing
+half of the prompts as stacked edits of the nearest misses, read live, needed a median of 88
+prompts to the first finding against 376 (RUN 24) and 782 (RUN 40) for random draws — AFL's
+"havoc" stage, driven by Hypothesis.
 """
 from __future__ import annotations
 
@@ -21,22 +22,31 @@ MUTATIONS: tuple[str, ...] = ("delete", "duplicate", "repeat", "splice")
 MAX_STACKED = 3
 MAX_SPAN = 32
 
+# Every choice below has the same range whatever the pool holds (pool indices are taken modulo
+# its size, positions as a fraction of the text's length): Hypothesis replays a choice sequence
+# and requires it to draw the same kinds of choices each time (FlakyStrategyDefinition otherwise),
+# and the pool may change under a strategy that is already built (fuzz.search's live misses).
+MAX_POOL_INDEX = 63
+POSITION_STEPS = 1024
+
+
 def mutants(pool: Sequence[str]) -> SearchStrategy[str]:
-    """Draw a prompt of `pool` (a snapshot of the nearest misses, taken when the round starts, so
-    that a replayed choice sequence draws the same prompt) edited by 1-3 stacked mutations:
-    delete a span, duplicate the span before a point, repeat one character, or splice in a fresh
-    fragment (fuzz.strategies.fragments). Positions and lengths are integer choices that
-    Hypothesis's target phase can tune.
+    """Draw a prompt of `pool` edited by 1-3 stacked mutations: delete a span, duplicate the
+    span before a point, repeat one character, or splice in a fresh fragment
+    (fuzz.strategies.fragments). Positions and lengths are integer choices that Hypothesis's
+    target phase can tune.
+
+    `pool` is read at every draw, so a list the caller keeps up to date (fuzz.search: the mode's
+    nearest misses, closest first, frozen while a failure is shrunk so that a replayed choice
+    sequence draws the same prompt) steers every draw by what the search has just seen. While
+    it is empty the edits apply to the empty text: only splices then yield a prompt.
 
     Shrinks toward the pool's first prompt with one deletion of one character."""
-    if not pool:
-        raise ValueError("mutants: the pool of prompts to edit is empty; screen some prompts "
-                         "first (the nearest misses are the pool)")
-    prompts = tuple(pool)
 
     @st.composite
     def build(draw: st.DrawFn) -> str:
-        text = draw(st.sampled_from(prompts))
+        index = draw(st.integers(0, MAX_POOL_INDEX))
+        text = pool[index % len(pool)] if pool else ""
         for op in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=MAX_STACKED)):
             text = _mutate(draw, op, text)
         return text
@@ -45,7 +55,7 @@ def mutants(pool: Sequence[str]) -> SearchStrategy[str]:
 
 
 def _mutate(draw: st.DrawFn, op: str, text: str) -> str:
-    at = draw(st.integers(0, len(text)))
+    at = draw(st.integers(0, POSITION_STEPS - 1)) * (len(text) + 1) // POSITION_STEPS
     size = draw(st.integers(1, MAX_SPAN))
     if op == "delete":
         return text[:at] + text[at + size:]
