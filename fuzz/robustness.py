@@ -252,7 +252,7 @@ def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, st
     start = session.run([spec], policy, capped)[0]
     if start.nonfinite and session.signature(start, spec.chat) == sig and holds(spec, start):
         spec, _ = minimize_text(session, spec, policy, sig, capped, keeps=holds,
-                                deadline=deadline)
+                                deadline=deadline, found=start)
     return assess(session, spec, policy, deadline=measure_deadline)
 
 

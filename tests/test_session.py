@@ -60,3 +60,22 @@ def test_minimize_leaves_an_irreducible_prompt_alone(session):
 def test_deletion_candidates():
     assert deletion_candidates("abcd", 2) == ["cd", "ab"]
     assert deletion_candidates("abc", 1) == ["bc", "ac", "ab"]
+
+
+def test_a_prefill_failure_is_first_cut_after_its_failing_token():
+    """Causal attention: nothing after the failing position feeds a prefill overflow, so one
+    cut removes a tail that character deletions would take dozens of runs to remove."""
+    from fuzz.engine.planted import digit_run_model
+    from fuzz.minimize import causal_prefix
+
+    session = Session(digit_run_model(8), bounds=Bounds(max_new_tokens=1))
+    spec = PromptSpec("00000000 and then a long tail of words, 12 and 34", add_bos=True)
+    found = session.run([spec], "float16")[0]
+    sig = session.signature(found)
+    assert causal_prefix(session, spec, found).text == "00000000"
+    small, _ = minimize_text(session, spec, "float16", sig, max_evals=1, found=found)
+    assert small.text == "00000000"  # the cut alone: a 1-run budget
+    trigger = PromptSpec("00000000", add_bos=True)
+    assert causal_prefix(session, trigger, session.run([trigger], "float16")[0]) is None
+    chat = dataclasses.replace(spec, chat=True)
+    assert causal_prefix(session, chat, found) is None  # a template must stay whole
