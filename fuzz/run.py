@@ -167,7 +167,7 @@ class FuzzJob:
         summary = self.summaries[policy.name]
         search = Search(self.session, policy.name, mode.add_bos, self.known, summary,
                         self.schedule.round_deadline(mode, now), self.schedule.shrink_deadline,
-                        on_batch=lambda: self._tick(mode))
+                        self.schedule.finding_limit_s, on_batch=lambda: self._tick(mode))
         digest = hashlib.sha256(f"{self.session.model.fingerprint}/{policy.name}/"
                                 f"bos={mode.add_bos}".encode()).digest()
         proposed = self._proposer(mode).for_round(search.misses()) if self.gradient else []
@@ -216,9 +216,11 @@ class FuzzJob:
         if how in ("interrupted", "cut"):  # unminimized, but a case must still hold everywhere
             assessment = assess(self.session, err.spec, found.policy, deadline=measure_by)
         else:
+            # minimizing gets the finding's own limit too, so that other modes keep their turns
+            minimize_by = min(self.schedule.minimize_deadline,
+                              time.monotonic() + self.schedule.finding_limit_s)
             assessment = finalize(self.session, err.spec, found.policy, err.screened.signature,
-                                  found.first_nonfinite.step, self.schedule.minimize_deadline,
-                                  measure_by)
+                                  found.first_nonfinite.step, minimize_by, measure_by)
         verdict, spec = assessment.verdict, assessment.spec
         if not verdict.nonfinite:  # a deterministic engine fails again; say so if it does not
             print(f"warning: {spec.text!r} did not fail again on replay; not saved",

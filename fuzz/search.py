@@ -55,8 +55,8 @@ class RoundOver(BaseException):
 
 
 class BudgetExhausted(BaseException):
-    """A shrink in progress outlived the job's hard limit: the caller takes the shortest failing
-    prompt per signature (Search.pending)."""
+    """A shrink in progress outlived the job's hard limit or its own (Search.shrink_limit_s):
+    the caller takes the shortest failing prompt per signature (Search.pending)."""
 
 
 class NewSignature(AssertionError):
@@ -129,6 +129,7 @@ class Search:
     summary: PolicySummary  # this policy's counts and nearest misses, shared by every round
     deadline: float  # time.monotonic() when the round ends (unless a shrink is in progress)
     shrink_deadline: float = math.inf  # when a shrink in progress must give up
+    shrink_limit_s: float = math.inf  # the most a shrink may take from its first failure
     on_batch: Optional[Callable[[], None]] = None  # progress callback
     # The shortest failing prompt seen so far per new signature: what is saved when Hypothesis
     # had no time to finish shrinking.
@@ -141,8 +142,16 @@ class Search:
     # digit-run trigger went from 134 to 88 (RUN 24) and from 300 to 88 (RUN 40): README.
     live_pool: list[str] = field(default_factory=list)
 
+    # time.monotonic() when the round's first failure was seen: its shrink's limit starts there
+    _shrink_since: Optional[float] = field(default=None, init=False, repr=False)
+
     def __post_init__(self) -> None:
         self.live_pool[:] = self.pool()
+
+    def shrink_over(self, now: float) -> bool:
+        since = self._shrink_since
+        return now > self.shrink_deadline or (since is not None and
+                                               now > since + self.shrink_limit_s)
 
     @property
     def counts(self) -> ModeCounts:
@@ -160,7 +169,7 @@ class Search:
         now = time.monotonic()
         if not self.pending and now > self.deadline:
             raise RoundOver
-        if self.pending and now > self.shrink_deadline:
+        if self.pending and self.shrink_over(now):
             raise BudgetExhausted
         specs = self.runnable_specs(texts)
         if not specs:
@@ -180,6 +189,8 @@ class Search:
                 best = self.pending.get(r.signature)
                 if best is None or len(spec.text) < len(best.spec.text):
                     self.pending[r.signature] = err
+                if self._shrink_since is None:
+                    self._shrink_since = time.monotonic()
                 raise err
         if not self.pending and is_saturated(self.counts):
             self.saturated = True

@@ -128,6 +128,25 @@ def test_rounds_and_shrinks_end_with_the_budget():
     assert schedule.hard_deadline < schedule.minimize_deadline < schedule.hard_deadline + TAIL_S
 
 
+def test_one_findings_shrink_and_minimizing_get_a_tenth_of_the_budget_at_least_20s():
+    assert Schedule.plan(parse_policies("float16"), [False], 480.0, 0.0).finding_limit_s == 48.0
+    assert Schedule.plan(parse_policies("float16"), [False], 60.0, 0.0).finding_limit_s == 20.0
+
+
+def test_a_shrink_past_its_own_limit_hands_over_its_best_prompt(bos_planted, monkeypatch):
+    """However far the job's deadline is, one finding's shrink ends at shrink_limit_s."""
+    monkeypatch.setattr("fuzz.search.target", lambda *a, **k: None)  # outside a Hypothesis run
+    summary = PolicySummary.for_policy("float16", [True])
+    search = Search(bos_planted, "float16", True, set(), summary, deadline=math.inf,
+                    shrink_deadline=math.inf, shrink_limit_s=0.0)
+    with pytest.raises(NewSignature):  # BOS overflows in this model: a first, new signature
+        search.check(["x"])
+    [pending] = search.pending.values()
+    with pytest.raises(BudgetExhausted):
+        search.check(["hello"])
+    assert search.pending == {pending.screened.signature: pending}
+
+
 def test_a_shrink_past_its_deadline_hands_over_its_best_prompt(bos_planted):
     summary = PolicySummary.for_policy("float16", [False])
     now = time.monotonic()
