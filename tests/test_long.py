@@ -37,6 +37,17 @@ def test_long_prompts_run_past_the_sliding_window_within_the_bound(text: str) ->
     assert SLIDING_WINDOW < n <= 1024
 
 
+def test_a_unit_that_merges_across_the_cut_still_gets_past_the_window():
+    """'——\n' repeated to 513 tokens gives 512 (found by CI's random seed): fill_at_least
+    takes the next target that reaches the minimum."""
+    from fuzz.strategies.long import fill_at_least
+
+    short = fill(TOKENIZER, "——\n", "", SLIDING_WINDOW + 1)
+    assert len(TOKENIZER.encode(short, bos=True)) == SLIDING_WINDOW  # what fill() alone gives
+    text = fill_at_least(TOKENIZER, "——\n", "", SLIDING_WINDOW + 1, SLIDING_WINDOW + 1, 1024)
+    assert SLIDING_WINDOW < len(TOKENIZER.encode(text, bos=True)) <= 1024
+
+
 @settings(max_examples=25, deadline=None)
 @given(unit=st.text(min_size=1, max_size=30), end=st.text(max_size=60),
        target=st.integers(2, 300))
