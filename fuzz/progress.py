@@ -52,11 +52,11 @@ def print_summary(run: RunSummary) -> None:
     or never run (a warning: the budget was too short for every mode to get its share)."""
     summaries = run.policies
     findings = [f for s in summaries for f in s.findings]
-    cut = unmeasured_text(summaries)
     print(f"\n{run.model}: {run.examples} prompts screened in {run.elapsed_s:.0f}s "
           f"({run.stopped}); {len(findings)} new signature(s), "
           f"{sum(f.is_new for f in findings)} saved to {run.corpus_dir}, "
-          f"{sum(f.is_marginal for f in findings)} marginal (not saved){cut}")
+          f"{sum(f.is_marginal for f in findings)} marginal (not saved)"
+          f"{unmeasured_text(summaries)}")
     for f in findings:
         v, first = f.verdict, f.verdict.first_nonfinite
         bos = "on " if v.add_bos else "off"
@@ -64,8 +64,7 @@ def print_summary(run: RunSummary) -> None:
               f"{first.kind} step {first.step} layer {first.layer} {first.site} "
               f"pos {first.position}  prompt {v.prompt!r}  -> {f.case_path}")
         if f.is_unmeasured:
-            print(f"    measure and save it: "
-                  f"{add_command(run.model, v, run.corpus_dir, run.bounds)}")
+            print(f"    measure and save it: {add_command(run, v)}")
     for s in summaries:
         for bos in s.bos_modes:
             counts = s.mode(bos)

@@ -173,15 +173,17 @@ def check_robustness(session: Session, spec: PromptSpec, policy: str, signature:
     return judge(tuple(outcomes), signature, session.min_margin)
 
 
+def least_margin(outcomes: tuple[Outcome, ...]) -> Optional[float]:
+    return min((o.margin for o in outcomes if o.margin is not None), default=None)
+
+
 def cut_short(outcomes: tuple[Outcome, ...], planned: int) -> Robustness:
-    margins = [o.margin for o in outcomes if o.margin is not None]
     return Robustness(outcomes, False, f"cut by the budget after {len(outcomes)} of {planned} "
-                      "kernel variations", min(margins) if margins else None, cut=True)
+                      "kernel variations", least_margin(outcomes), cut=True)
 
 
 def judge(outcomes: tuple[Outcome, ...], signature: Signature, min_margin: float) -> Robustness:
-    margins = [o.margin for o in outcomes if o.margin is not None]
-    least = min(margins) if margins else None
+    least = least_margin(outcomes)
     for o in outcomes:
         if o.status != "nonfinite":
             return Robustness(outcomes, False, f"{o.status} {o.variation}", least)

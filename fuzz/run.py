@@ -41,6 +41,7 @@ from .schedule import Mode, Schedule
 from .search import BudgetExhausted, NewSignature, Search, round_strategy
 from .session import ModelOptions, Session
 from .strategies import prompts
+from .verdict import Verdict
 
 MARGINAL_TRIES = 2  # marginal findings of one signature before this run stops chasing it
 
@@ -211,7 +212,7 @@ class FuzzJob:
         if how != "interrupted" and time.monotonic() >= self.schedule.minimize_deadline:
             how = "cut"  # the budget's tail has no time left to minimize: measured as found
         if time.monotonic() >= measure_by:
-            self._unmeasured(err, how)
+            self._unmeasured(found, err.screened.signature, how)
             return
         if how in ("interrupted", "cut"):  # unminimized, but a case must still hold everywhere
             assessment = assess(self.session, err.spec, found.policy, deadline=measure_by)
@@ -229,8 +230,7 @@ class FuzzJob:
         case = assessment.case(self.session, seed=self.seed,
                                strategy=f"fuzz.strategies.prompts/{how}")
         if assessment.robustness.cut:
-            self.summaries[verdict.policy].add_finding(
-                verdict, "unmeasured", None, case.signature, how, case.margin, case.robustness)
+            self._unmeasured(verdict, case.signature, how, case.margin, case.robustness)
             return
         if assessment.robust:
             result = self.corpus.save(case)
@@ -246,13 +246,14 @@ class FuzzJob:
         if how != "interrupted" and time.monotonic() < measure_by:
             finding.positions = session_position_map(self.session, spec, verdict).to_dict()
 
-    def _unmeasured(self, err: NewSignature, how: str) -> None:
-        """A finding the budget left no time to measure: reported with its screened verdict and
-        the `fuzz add` command that measures and saves it; never saved unproven (an example
-        database, on by default, keeps it too: the next run of this mode replays it first)."""
-        verdict = err.screened.verdict
-        self.summaries[verdict.policy].add_finding(verdict, "unmeasured", None,
-                                                   err.screened.signature, how)
+    def _unmeasured(self, verdict: Verdict, sig: Signature, how: str,
+                    margin: Optional[dict] = None, robustness: Optional[dict] = None) -> None:
+        """A finding the budget left no time to measure (at all, or under every variation):
+        reported with the `fuzz add` command that measures and saves it; never saved unproven
+        (an example database, on by default, keeps it too: the next run of this mode replays it
+        first)."""
+        self.summaries[verdict.policy].add_finding(verdict, "unmeasured", None, sig, how,
+                                                   margin, robustness)
 
     def _note_marginal(self, sig: Signature) -> None:
         """After MARGINAL_TRIES marginal findings of one signature, this run stops chasing it

@@ -15,7 +15,7 @@ stops at MEASURE_TAIL_S past it (a finding not measured by then is reported "unm
 `fuzz add` command that measures and saves it, never saved unproven), and the report gets the
 rest of TAIL_S: the job ends within the budget plus TAIL_S. Each step may overrun its deadline by
 the one model run in progress (a batch of 8 on Gemma 3 270M at the 0.22 prompts/s seen on a busy
-2-core CPU: ~36 s; on the idle one the job ended 3 s past an 8-minute budget).
+2-core CPU: 8 / 0.22 = ~36 s; on the idle one the job ended 3 s past an 8-minute budget).
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ UNSAFE_WEIGHT = 3.0
 TAIL_S = 60.0  # the most the job runs past its budget, report included
 SHRINK_TAIL_S = 15.0
 MINIMIZE_TAIL_S = 35.0
-MEASURE_TAIL_S = 50.0  # the report (text, markdown, html, pictures) needs < 5 s of the last 10
+MEASURE_TAIL_S = 50.0  # the last 10 s of TAIL_S are the report's (text, markdown, html, pictures)
 MIN_ROUND_S = 10.0  # a round is worth its Hypothesis set-up and its database replay
 # The most one finding's shrink may take, and then its minimizing, as a share of the budget (at
 # least MIN_FINDING_S each): measured on a fresh clone (`tox -e fuzz`, 8 minutes, Gemma 3 270M on a
-# busy 2-core CPU, ~36 s a batch), one float16 finding's shrink ran from ~100 s to the end of the
-# budget and no other policy screened a prompt. What a limit cuts is saved as it stands.
+# busy 2-core CPU at 0.22 prompts/s), float16 without BOS took 526 s, shrinking one finding until
+# the budget ended, and no other policy screened a prompt. What a limit cuts is saved as it stands.
 FINDING_SHARE = 0.1
 MIN_FINDING_S = 20.0
 

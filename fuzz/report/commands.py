@@ -31,28 +31,29 @@ def _engine_args(summary: RunSummary) -> list[str]:
     return parts
 
 
-def check_command(summary: RunSummary, verdict: Verdict) -> str:
-    parts = ["python", "-m", "fuzz", "check", "--model", shlex.quote(summary.model),
+def _prompt_command(verb: str, summary: RunSummary, verdict: Verdict) -> list[str]:
+    """`python -m fuzz VERB` on the finding's model, policy, prompt and BOS mode."""
+    parts = ["python", "-m", "fuzz", verb, "--model", shlex.quote(summary.model),
              "--policy", shlex.quote(verdict.policy), "--prompt", shell_quote(verdict.prompt)]
-    if not verdict.add_bos:
-        parts.append("--no-bos")
+    return parts + ([] if verdict.add_bos else ["--no-bos"])
+
+
+def check_command(summary: RunSummary, verdict: Verdict) -> str:
+    parts = _prompt_command("check", summary, verdict)
     if "max_new_tokens" in summary.bounds:
         parts += ["--max-new-tokens", str(summary.bounds["max_new_tokens"])]
     return " ".join(parts + _engine_args(summary) + ["--json"])
 
 
-def add_command(model: str, verdict: Verdict, corpus_dir: str,
-                bounds: dict | None = None) -> str:
-    """The `fuzz add` that measures a finding's kernel variations and saves it when it holds
-    (what a run does for a finding its budget left no time to measure)."""
-    parts = ["python", "-m", "fuzz", "add", "--model", shlex.quote(model),
-             "--policy", shlex.quote(verdict.policy), "--prompt", shell_quote(verdict.prompt)]
-    if not verdict.add_bos:
-        parts.append("--no-bos")
+def add_command(summary: RunSummary, verdict: Verdict) -> str:
+    """The `fuzz add` that measures a finding's kernel variations under the run's bounds, engine
+    and device, and saves it when it holds (what a run does for a finding its budget left no
+    time to measure)."""
+    parts = _prompt_command("add", summary, verdict)
     for key, flag in BOUND_FLAGS.items():
-        if bounds and key in bounds:
-            parts += [flag, str(bounds[key])]
-    return " ".join(parts + ["--corpus", shlex.quote(corpus_dir)])
+        if key in summary.bounds:
+            parts += [flag, str(summary.bounds[key])]
+    return " ".join(parts + _engine_args(summary) + ["--corpus", shlex.quote(summary.corpus_dir)])
 
 
 def duration_arg(seconds: float) -> str:

@@ -362,7 +362,7 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
         facts.append(("Case file", [(f.case_path, True)]))
     facts.append(("Reproduce", [(check_command(s, v), True)]))
     if f.is_unmeasured:
-        facts.append(("Save it", [(add_command(s.model, v, s.corpus_dir, s.bounds), True)]))
+        facts.append(("Save it", [(add_command(s, v), True)]))
     return facts
 
 
