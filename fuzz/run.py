@@ -31,6 +31,7 @@ from .corpus import Corpus, Signature
 from .database import open_database
 from .generate import Bounds
 from .long import long_batch_size, long_bounds, long_strategy
+from .misses import MissPool
 from .positions import session_position_map
 from .precision import PrecisionPolicy, parse_policies
 from .progress import Progress, print_summary
@@ -70,6 +71,7 @@ class FuzzJob:
     schedule: Optional[Schedule] = None
     progress: Optional[Progress] = None
     _proposers: dict[str, Proposer] = field(default_factory=dict)
+    _misses: dict[str, MissPool] = field(default_factory=dict)  # per mode, across its rounds
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
@@ -168,7 +170,8 @@ class FuzzJob:
         summary = self.summaries[policy.name]
         search = Search(self.session, policy.name, mode.add_bos, self.known, summary,
                         self.schedule.round_deadline(mode, now), self.schedule.shrink_deadline,
-                        self.schedule.finding_limit_s, on_batch=lambda: self._tick(mode))
+                        self.schedule.finding_limit_s, on_batch=lambda: self._tick(mode),
+                        misses_pool=self._misses.setdefault(mode.name, MissPool()))
         digest = hashlib.sha256(f"{self.session.model.fingerprint}/{policy.name}/"
                                 f"bos={mode.add_bos}".encode()).digest()
         proposed = self._proposer(mode).for_round(search.misses()) if self.gradient else []

@@ -14,7 +14,8 @@ Steering, the default of `fuzz run` (measured against random draws in benchmarks
   and frozen while a failure is shrunk; fuzz.strategies.mutants);
 - every example reports `hypothesis.target()` on -log2 of its finite prompts' content headroom,
   and the cap for a new signature; failures under KNOWN signatures score nothing, or targeting
-  would climb toward bugs the corpus already holds;
+  would climb toward bugs the corpus already holds, and so does headroom at the sites of known
+  signatures: misses and scores look only at the sites still open (fuzz.misses);
 - a mode whose every prompt fails under one known signature at the BOS position before any
   content position is reached (Gemma 3 270M in float16 with BOS: layer 7) is *saturated*: its
   content headroom means nothing, so it is given up after SATURATION_PROBE prompts.
@@ -38,6 +39,7 @@ from hypothesis.reporting import with_reporter
 
 from .corpus import Signature
 from .generate import Bounds, PromptSpec
+from .misses import MissPool, Site, closed_sites, open_headroom
 from .precision import get_policy
 from .report import ModeCounts, PolicySummary
 from .robustness import describe_where, passes_margin
@@ -83,13 +85,14 @@ def error_for(sig: Signature) -> type[NewSignature]:
     return _SIGNATURE_ERRORS[sig]
 
 
-def steering_score(results: Sequence[Screened]) -> float:
+def steering_score(results: Sequence[Screened], closed: frozenset[Site] = frozenset()) -> float:
     """-log2 of the smallest content headroom among the batch's finite prompts (bigger = closer
-    to overflow); TARGET_CAP when a prompt shows a new signature; known-signature failures and
-    inconclusive runs score nothing."""
+    to overflow), outside the `closed` sites of known signatures (fuzz.misses); TARGET_CAP when
+    a prompt shows a new signature; known-signature failures and inconclusive runs score
+    nothing."""
     if any(r.new for r in results):
         return TARGET_CAP
-    finite = [r.verdict.min_headroom(content_only=True) for r in results if r.verdict.finite]
+    finite = [open_headroom(r.verdict, closed) for r in results if r.verdict.finite]
     worst = min(finite, default=math.inf)
     if math.isinf(worst):
         return -TARGET_CAP
@@ -135,7 +138,10 @@ class Search:
     # had no time to finish shrinking.
     pending: dict[Signature, NewSignature] = field(default_factory=dict)
     saturated: bool = False
-    # The nearest misses the mutants edit, updated in place after every batch that raised
+    # This mode's nearest misses at sites with no known signature (fuzz.misses), kept across
+    # rounds by the caller; when not given, started from the summary's nearest misses.
+    misses_pool: Optional[MissPool] = None
+    # What the mutants edit: misses_pool's prompts, updated in place after every batch that raised
     # nothing, frozen once a failure is pending so that Hypothesis's replays of the failing
     # choice sequence draw the same prompt. A pool snapshotted once per round left the first
     # round (up to 320 prompts) without mutants; read live, the median prompts to the planted
@@ -143,10 +149,20 @@ class Search:
     # (RUN 40): benchmarks/README.md.
     live_pool: list[str] = field(default_factory=list)
 
+    # the content sites of the mode's known signatures: steering looks past them (fuzz.misses)
+    closed: frozenset[Site] = field(default=frozenset(), init=False)
     # time.monotonic() when the round's first failure was seen: its shrink's limit starts there
     _shrink_since: Optional[float] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.misses_pool is None:
+            self.misses_pool = MissPool()
+            for verdict in self.summary.nearest_misses:
+                if verdict.add_bos == self.add_bos:
+                    self.misses_pool.offer(verdict)
+        self.closed = closed_sites(self.known, self.policy, self.add_bos,
+                                   self.session.model.config.num_hidden_layers)
+        self.misses_pool.close(self.closed)
         self.live_pool[:] = self.pool()
 
     def shrink_over(self, now: float) -> bool:
@@ -159,11 +175,11 @@ class Search:
         return self.summary.mode(self.add_bos)
 
     def pool(self) -> list[str]:
-        """This mode's nearest misses, closest first: what the round's mutants edit."""
-        return [v.prompt for v in self.misses()]
+        """This mode's nearest misses at open sites, closest first: what the mutants edit."""
+        return self.misses_pool.prompts()
 
     def misses(self) -> list[Verdict]:
-        return [v for v in self.summary.nearest_misses if v.add_bos == self.add_bos]
+        return self.misses_pool.verdicts()
 
     def check(self, texts: list[str]) -> None:
         """The property: no prompt in the batch shows an unknown signature past the margin."""
@@ -179,7 +195,7 @@ class Search:
         cap = max((e.screened.verdict.first_nonfinite.step for e in self.pending.values()),
                   default=None)
         results = self.screen(specs, self.session.capped(cap) if cap is not None else None)
-        target(steering_score(results), label=self.policy)
+        target(steering_score(results, self.closed), label=self.policy)
         if self.on_batch:
             self.on_batch()
         for spec, r in zip(specs, results):
@@ -217,6 +233,7 @@ class Search:
         results = self.session.screen(specs, self.policy, self.known, bounds)
         for r in results:
             self.summary.observe(r.verdict, r.signature, r.new)
+            self.misses_pool.offer(r.verdict)
         return results
 
     def run(self, prompts: st.SearchStrategy[str], max_examples: int,

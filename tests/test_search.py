@@ -16,10 +16,12 @@ from fuzz.engine.planted import digit_run_model
 from fuzz.engine.synthetic import plant_overflow, random_state, synthetic_model, tiny_config
 from fuzz.engine.tokenizer_build import tiny_tokenizer
 from fuzz.generate import Bounds, PromptSpec
+from fuzz.misses import MissPool, open_headroom
 from fuzz.precision import parse_policies
 from fuzz.progress import Progress
 from fuzz.proposals import Proposer
 from fuzz.report import ModeCounts, PolicySummary
+from fuzz.report.describe import min_headroom_site
 from fuzz.schedule import MIN_ROUND_S, SHRINK_TAIL_S, TAIL_S, UNSAFE_WEIGHT, Schedule
 from fuzz.search import (
     SATURATION_PROBE,
@@ -68,6 +70,31 @@ def test_scores_climb_headroom_and_ignore_known_signatures(bos_planted):
     # a known signature scores nothing: its NaN content must not pull the search to it
     assert steering_score([finite, known]) == pytest.approx(expected)
     assert steering_score([known]) == -TARGET_CAP
+
+
+def test_scores_look_past_the_sites_of_known_signatures(bos_planted):
+    finite = screened(bos_planted, "hello", False, set())
+    layer, site = min_headroom_site(finite.verdict, content_only=True)
+    closed = frozenset({(layer, site)})
+    past = open_headroom(finite.verdict, closed)
+    assert past > finite.verdict.min_headroom(content_only=True)  # the closest site is closed
+    assert steering_score([finite], closed) == pytest.approx(-math.log2(past))
+
+
+def test_a_round_closes_its_known_sites_and_feeds_the_pool_it_was_given(bos_planted,
+                                                                       monkeypatch):
+    monkeypatch.setattr("fuzz.search.target", lambda *a, **k: None)  # outside a Hypothesis run
+    layers = bos_planted.model.config.num_hidden_layers
+    known = {("fp", "float16", False, 1, "residual_mlp", "content"),
+             ("fp", "float16", False, layers, "logits", "content"), BOS_SIG}
+    pool = MissPool()
+    search = Search(bos_planted, "float16", False, known, PolicySummary.for_policy("float16"),
+                    deadline=math.inf, misses_pool=pool)
+    assert search.closed == {("1", "residual_mlp"), ("head", "logits")}
+    assert pool.closed == search.closed
+    search.check(["hello there", "12"])
+    assert pool.prompts() and search.live_pool == pool.prompts()
+    assert all(math.isfinite(open_headroom(v, search.closed)) for v in pool.verdicts())
 
 
 def test_saturation_needs_every_prompt_at_bos_under_one_known_signature():

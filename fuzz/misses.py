@@ -1,0 +1,85 @@
+"""The nearest misses one (policy, BOS mode) steers by: closest to overflowing where no signature
+is known yet.
+
+A near miss counts for where it could lead. Once a signature at (layer, site) is known for the
+mode, prompts that come close there lead back to it: the first non-finite value decides the
+signature, so climbing toward that site yields known failures, which score nothing. Measured on
+Gemma 3 270M in float16 without BOS (benchmarks/bench_search_real.py, 10 minutes), with misses
+ranked by their least headroom anywhere: the default search kept editing runs of 224-260 `[` and
+found 4 kernel-robust signatures, all among the 6 that random draws found. Ranked here by the
+headroom at the *open* sites only, a miss is worth editing for the sites still unexplored. That
+alone did not change the count (same command and seed, 2026-12-02, benchmarks/README.md): the
+default found the same 4 signatures from `[` runs again, random 5: one `[` run comes close at
+layers 11, 13 and 14 at once, so closing a site leaves the family near the next.
+
+The report's nearest misses (fuzz.report.PolicySummary) stay ranked by headroom anywhere: what a
+user shipping float16 needs to know. Before any signature of the mode is known the two rankings
+are the same.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .corpus import Signature
+from .report import NEAREST_MISSES
+from .verdict import Verdict, layer_label
+
+Site = tuple[str, str]  # (layer label, site) as in Verdict.content_max_abs
+
+
+def closed_sites(known: Iterable[Signature], policy: str, add_bos: bool,
+                 num_layers: int) -> frozenset[Site]:
+    """The content sites of `known` signatures of this policy and BOS mode: where a failure is
+    already in the corpus. (Failures at the BOS position do not close a site: nothing a prompt's
+    content does there is explored by it.)"""
+    return frozenset(
+        (layer_label(layer, num_layers), site)
+        for _model, sig_policy, sig_bos, layer, site, where in known
+        if sig_policy == policy and sig_bos == add_bos and where == "content"
+    )
+
+
+def open_headroom(verdict: Verdict, closed: frozenset[Site]) -> float:
+    """The least content headroom over the sites not in `closed` (inf when none is measured)."""
+    return min((h for layer, sites in verdict.headroom(content_only=True).items()
+                for site, h in sites.items() if (layer, site) not in closed), default=math.inf)
+
+
+@dataclass
+class MissPool:
+    """The `keep` finite prompts with the least open headroom (closest first). Kept for a mode
+    across rounds (fuzz.run): a round starts from what the last one came closest with."""
+
+    keep: int = NEAREST_MISSES
+    closed: frozenset[Site] = frozenset()
+    _ranked: list[tuple[float, Verdict]] = field(default_factory=list, repr=False)
+
+    def close(self, closed: frozenset[Site]) -> None:
+        """Rank from now on by the headroom outside `closed` (the sites of known signatures)."""
+        if closed != self.closed:
+            self.closed = closed
+            self._ranked = sorted(((open_headroom(v, closed), v) for _, v in self._ranked),
+                                  key=lambda kept: kept[0])
+
+    def offer(self, verdict: Verdict) -> None:
+        """Keeps a finite verdict when it is closer than the farthest kept one."""
+        if not verdict.finite:
+            return
+        headroom = open_headroom(verdict, self.closed)
+        if math.isinf(headroom):
+            return
+        if len(self._ranked) >= self.keep and headroom >= self._ranked[-1][0]:
+            return
+        if any(v.prompt == verdict.prompt for _, v in self._ranked):
+            return  # Hypothesis replays examples: one prompt must not fill the pool
+        self._ranked.append((headroom, verdict))
+        self._ranked.sort(key=lambda kept: kept[0])
+        del self._ranked[self.keep:]
+
+    def verdicts(self) -> list[Verdict]:
+        return [v for _, v in self._ranked]
+
+    def prompts(self) -> list[str]:
+        return [v.prompt for _, v in self._ranked]

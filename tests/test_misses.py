@@ -1,0 +1,62 @@
+"""The nearest misses steering edits: ranked by headroom at the sites no known signature holds."""
+from __future__ import annotations
+
+import math
+
+from fuzz.misses import MissPool, closed_sites, open_headroom
+from fuzz.verdict import Verdict
+
+LIMIT = 65504.0
+LAYERS = 4
+
+
+def verdict(prompt: str, values: dict[tuple[str, str], float], finite: bool = True) -> Verdict:
+    """A finite float16 run without BOS whose content max |x| per (layer, site) is `values`."""
+    table: dict[str, dict[str, float]] = {}
+    for (layer, site), value in values.items():
+        table.setdefault(layer, {})[site] = value
+    return Verdict(prompt=prompt, prompt_ids=[1, 2], add_bos=False, policy="float16",
+                   finite=finite, first_nonfinite=None, max_abs=table, content_max_abs=table,
+                   limits={f"{layer}/{site}": LIMIT for layer, site in values})
+
+
+def test_the_content_signatures_of_this_policy_and_bos_mode_close_their_sites():
+    known = {
+        ("fp", "float16", False, 2, "residual_mlp", "content"),
+        ("fp", "float16", False, -1, "embedding", "content"),
+        ("fp", "float16", False, LAYERS, "logits", "content"),
+        ("fp", "float16", False, 3, "residual_attn", "bos"),  # BOS position: not content
+        ("fp", "float16", True, 1, "residual_mlp", "content"),  # the other BOS mode
+        ("fp", "float16-clamp", False, 0, "residual_mlp", "content"),  # another policy
+    }
+    assert closed_sites(known, "float16", False, LAYERS) == {
+        ("2", "residual_mlp"), ("embedding", "embedding"), ("head", "logits")}
+
+
+def test_open_headroom_looks_past_the_closed_sites():
+    v = verdict("[[[[", {("2", "residual_mlp"): 60000.0, ("3", "residual_attn"): 30000.0})
+    assert open_headroom(v, frozenset()) == LIMIT / 60000.0
+    assert open_headroom(v, frozenset({("2", "residual_mlp")})) == LIMIT / 30000.0
+    assert math.isinf(open_headroom(v, frozenset({("2", "residual_mlp"),
+                                                   ("3", "residual_attn")})))
+
+
+def test_the_pool_keeps_the_closest_at_open_sites_and_reranks_when_a_site_closes():
+    near_closed = verdict("[[[[", {("2", "residual_mlp"): 64000.0, ("3", "residual_attn"): 1000.0})
+    near_open = verdict("1e308", {("2", "residual_mlp"): 2000.0, ("3", "residual_attn"): 50000.0})
+    far = verdict("hello", {("2", "residual_mlp"): 3000.0, ("3", "residual_attn"): 3000.0})
+    pool = MissPool(keep=2)
+    for v in (far, near_open, near_closed, near_closed):  # a replay must not fill the pool
+        pool.offer(v)
+    assert pool.prompts() == ["[[[[", "1e308"]  # least headroom anywhere first
+    pool.close(frozenset({("2", "residual_mlp")}))
+    assert pool.prompts() == ["1e308", "[[[["]  # past layer 2's MLP, "[[[[" is far
+    pool.offer(far)  # closer than "[[[[" now at the open sites
+    assert pool.prompts() == ["1e308", "hello"]
+
+
+def test_the_pool_takes_only_finite_runs_with_an_open_site_measured():
+    pool = MissPool(closed=frozenset({("2", "residual_mlp")}))
+    pool.offer(verdict("nan", {("2", "residual_mlp"): 1.0}, finite=False))
+    pool.offer(verdict("only-closed", {("2", "residual_mlp"): 65000.0}))
+    assert pool.prompts() == []
