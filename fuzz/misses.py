@@ -14,7 +14,8 @@ layers 11, 13 and 14 at once, so closing a site leaves the family near the next.
 
 The report's nearest misses (fuzz.report.PolicySummary) stay ranked by headroom anywhere: what a
 user shipping float16 needs to know. Before any signature of the mode is known the two rankings
-are the same.
+are the same, but this pool takes no prompt without a content site measured (the empty prompt
+with BOS): there is nothing in it to edit toward.
 """
 from __future__ import annotations
 
