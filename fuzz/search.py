@@ -149,8 +149,6 @@ class Search:
     # (RUN 40): benchmarks/README.md.
     live_pool: list[str] = field(default_factory=list)
 
-    # the content sites of the mode's known signatures: steering looks past them (fuzz.misses)
-    closed: frozenset[Site] = field(default=frozenset(), init=False)
     # time.monotonic() when the round's first failure was seen: its shrink's limit starts there
     _shrink_since: Optional[float] = field(default=None, init=False, repr=False)
 
@@ -160,10 +158,14 @@ class Search:
             for verdict in self.summary.nearest_misses:
                 if verdict.add_bos == self.add_bos:
                     self.misses_pool.offer(verdict)
-        self.closed = closed_sites(self.known, self.policy, self.add_bos,
-                                   self.session.model.config.num_hidden_layers)
-        self.misses_pool.close(self.closed)
+        self.misses_pool.close(closed_sites(self.known, self.policy, self.add_bos,
+                                            self.session.model.config.num_hidden_layers))
         self.live_pool[:] = self.pool()
+
+    @property
+    def closed(self) -> frozenset[Site]:
+        """The content sites of the mode's known signatures: steering looks past them."""
+        return self.misses_pool.closed
 
     def shrink_over(self, now: float) -> bool:
         since = self._shrink_since
