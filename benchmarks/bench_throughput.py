@@ -10,9 +10,10 @@ other scripts; BOS off, the mode where float16 findings are), the default bounds
   (b) the suite's runner: fuzz.session.Session.run (batched, KV-cached, probe on, early stop at
       EOS or at the first non-finite value) at several batch sizes.
 Also: the probe's overhead (a bare forward, rec=None), useful model FLOPs against this CPU's
-measured matmul peak per dtype, and the float16 screening kernels (fuzz.engine.kernels: native
-vs fp32-accumulate) side by side: prompts/s and how often the screening verdict disagrees with
-the faithful one (native, alone).
+measured matmul peak per dtype, and the float16 screening kernels (fuzz.engine.kernels: native,
+fp32-accumulate, fp32-accumulate-wide, and "auto" with its trial) side by side: prompts/s, the
+ratio to (a), and how often the screening verdict disagrees with the faithful one (native,
+alone).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from _common import print_header, print_table
 from fuzz.corpus import Signature
 from fuzz.engine.config import AttentionType, GemmaConfig
 from fuzz.engine.interface import Batch, prompt_batch
-from fuzz.engine.kernels import auto_screen_kernel, kernel
+from fuzz.engine.kernels import KERNELS, kernel
 from fuzz.engine.upstream import upstream_available
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, encode_prompt
@@ -346,9 +347,6 @@ def measure_matmuls() -> dict[str, float]:
                           2 * m * k * n))
         rows.append(row)
     print_table(["shape", *(f"{d} GFLOP/s" for d in DTYPES), "float16 fp32-accumulate"], rows)
-    name, speedup = auto_screen_kernel()
-    print(f"Start-up measurement (fuzz.engine.kernels.auto_screen_kernel): fp32-accumulate / "
-          f"native float16 speed {speedup:.2f}x -> 'auto' screens float16 with {name}")
     return peak
 
 
@@ -503,8 +501,14 @@ class CountingSession(Session):
         self.runs += len(specs)
         return super().run(specs, policy, bounds)
 
+    def screen_all(self, specs, policy, known):
+        """One screen per batch, as a fuzz run makes them (one per Hypothesis example)."""
+        return [r for i in range(0, len(specs), self.batch_size)
+                for r in self.screen(specs[i:i + self.batch_size], policy, known)]
 
-def bench_screen_kernels(loaded, specs: list[PromptSpec], batch: int, bounds: Bounds) -> None:
+
+def bench_screen_kernels(loaded, specs: list[PromptSpec], batch: int, bounds: Bounds,
+                         plain_ps: float | None) -> None:
     policy = "float16"
     print(f"\n## float16 screening kernels ({len(specs)} prompts, BOS off, batch {batch}): "
           "prompts/s and disagreement with the faithful verdict (native, alone)")
@@ -518,30 +522,39 @@ def bench_screen_kernels(loaded, specs: list[PromptSpec], batch: int, bounds: Bo
     known: set[Signature] = {alone.signature(v) for v in faithful if v.nonfinite}
     results = [KernelFigures("native, alone (the faithful verdict)", alone_s, faithful,
                              len(specs))]
-    for name in ("native", "fp32-accumulate"):
+    for name in KERNELS:
         session = Session(loaded, bounds=bounds, batch_size=batch, screen_kernel="native")
         with kernel(name):
             seconds, verdicts = timed_run(session, specs, policy)
         results.append(KernelFigures(f"{name}, batched: Session.run", seconds, verdicts,
                                      len(specs)))
-    for name in ("native", "fp32-accumulate"):
+    for name in (*KERNELS, "auto"):
         counting = CountingSession(loaded, bounds=bounds, batch_size=batch, screen_kernel=name)
-        counting.screen(specs[:2], policy, known)  # warm-up
+        if name != "auto":  # auto's trial starts cold, as in a run: its cost is counted
+            counting.screen(specs[:2], policy, known)  # warm-up
         counting.runs = 0
         start = time.perf_counter()
-        screened = counting.screen(specs, policy, known)
+        screened = counting.screen_all(specs, policy, known)
         seconds = time.perf_counter() - start
-        results.append(KernelFigures(f"{name}: Session.screen (with its faithful re-runs)",
-                                     seconds, [r.verdict for r in screened], counting.runs))
+        label = f"{name}: Session.screen (with its faithful re-runs)"
+        if name == "auto":
+            trial = counting.kernel_trial()
+            label = (f"auto: Session.screen, its trial included (picked {trial.choice}, "
+                     f"{trial.speedup:.2f}x, after {trial.screens} batches)")
+        results.append(KernelFigures(label, seconds, [r.verdict for r in screened],
+                                     counting.runs))
     n_bad = sum(v.nonfinite for v in faithful)
     rows = []
     for r in results:
         status, site, missed = disagreement(r.verdicts, faithful)
-        rows.append([r.label, len(specs) / r.seconds, r.runs, sum(v.nonfinite for v in r.verdicts),
+        ratio = f"{len(specs) / r.seconds / plain_ps:.2f}x" if plain_ps else "-"
+        rows.append([r.label, len(specs) / r.seconds, ratio, r.runs,
+                     sum(v.nonfinite for v in r.verdicts),
                      f"{status} ({status / len(specs):.1%})",
                      f"{site} of {min(n_bad, sum(v.nonfinite for v in r.verdicts))}",
                      missed])
-    print_table(["kernel", "p/s", "prompts run", "non-finite", "finite/non-finite differs",
+    print_table(["kernel", "p/s", "vs (a) plain loop", "prompts run", "non-finite",
+                 "finite/non-finite differs",
                  "first site differs", "missed findings"], rows)
     print(f"The faithful verdicts: {n_bad}/{len(specs)} non-finite. 'first site differs': among "
           "prompts non-finite in both (step, layer, site, position). A screen's non-finite "
@@ -608,8 +621,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     report(figures, batch_sizes, peak)
     if not args.no_screen_kernels:
-        best = next((f.best for f in figures if f.policy == "float16"), max(batch_sizes))
-        bench_screen_kernels(loaded, runnable(loaded, screen_texts, bounds), best, bounds)
+        f16 = next((f for f in figures if f.policy == "float16"), None)
+        best = f16.best if f16 else max(batch_sizes)
+        bench_screen_kernels(loaded, runnable(loaded, screen_texts, bounds), best, bounds,
+                             f16.n_plain / f16.plain_s if f16 else None)
     print(f"\n# total wall time {time.perf_counter() - start:.0f}s")
     return 0
 

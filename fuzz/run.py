@@ -279,8 +279,14 @@ class FuzzJob:
             corpus_dir=str(self.corpus.root),
             started=self.started_at, engine=self.session.engine_kind,
             batch_size=self.session.batch_size, round_examples=self.round_examples,
-            long=self.long,
+            long=self.long, screening_kernels=dict(self.session.screened_with),
+            kernel_trial_speedup=self._kernel_trial_speedup(),
             command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
+    def _kernel_trial_speedup(self) -> float | None:
+        trial = self.session.kernel_trial()
+        return trial.speedup if trial.choice is not None else None
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,7 +17,13 @@ from typing import Optional
 import torch
 
 from .corpus import Case, Corpus, Signature, finder_info, signature
-from .engine.kernels import default_screen_kernel, kernel, screening_kernel
+from .engine.kernels import (
+    AUTO_CANDIDATE,
+    KernelTrial,
+    default_screen_kernel,
+    kernel,
+    screening_kernel,
+)
 from .engine.loaded import ENGINES, LoadedModel
 from .engine.zoo import load_model
 from .generate import Bounds, PromptSpec, encode_prompt, explain, generate
@@ -31,6 +38,17 @@ from .verdict import Verdict
 # stayed under 1.010: docs/NUMERICS.md); 1.05 covers it with a quarter to spare, and
 # benchmarks/bench_throughput.py measures how often screen and faithful still disagree.
 NEAR_MISS_HEADROOM = 1.05
+
+# (model fingerprint, device, batch size) -> "auto"'s trial of the float16 screening kernel
+# (kernels.KernelTrial): once per process, as a Session is opened per test and per CLI command
+# over one cached model.
+_kernel_trials: dict[tuple[str, str, int], KernelTrial] = {}
+
+
+def needs_faithful_run(verdict: Verdict) -> bool:
+    """Whether a verdict of a non-faithful screening kernel must be re-run natively: it is not
+    finite, or it is a near miss that could overflow natively."""
+    return not verdict.finite or verdict.min_headroom() < NEAR_MISS_HEADROOM
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -77,8 +95,9 @@ class Session:
     # The least margin (unrounded sum / limit) a finding needs to become a regression case
     # (fuzz.robustness, where the default is derived)
     min_margin: float = MIN_MARGIN
-    # The kernel that screens float16 policies (fuzz.engine.kernels): "native", "fp32-accumulate"
-    # or "auto" (a start-up measurement picks fp32-accumulate only where it is clearly faster);
+    # The kernel that screens float16 policies (fuzz.engine.kernels.SCREEN_KERNEL_CHOICES):
+    # "auto" (a trial on this model's first screens, `kernel_trial`, picks fp32-accumulate-wide
+    # only where it is clearly faster than native) or a kernel by name;
     # GEMMA_FUZZ_SCREEN_KERNEL sets the default. Verdicts that count are faithful either way.
     screen_kernel: str = field(default_factory=default_screen_kernel)
     # policy name -> the kernel that screened it last (what a report or a benchmark states)
@@ -150,13 +169,33 @@ class Session:
                                    max_new_tokens=min(self.bounds.max_new_tokens, step + 1))
 
     def screening_kernel(self, policy: str | PrecisionPolicy) -> str:
-        """The matmul kernel `screen` runs `policy` with. Only the built-in engine on the CPU
-        has a choice (upstream computes its own matmuls; the start-up measurement is of CPU
-        kernels), and only for float16 products."""
+        """The matmul kernel `screen` runs `policy` with ("auto" while its trial is under way).
+        Only the built-in engine on the CPU has a choice (upstream computes its own matmuls;
+        the trial is of CPU kernels), and only for float16 products."""
         pol = get_policy(policy) if isinstance(policy, str) else policy
         if self.engine_kind != "builtin" or self.device != "cpu":
             return "native"
-        return screening_kernel(self.screen_kernel, pol.dtype)
+        name = screening_kernel(self.screen_kernel, pol.dtype)
+        return (self.kernel_trial().choice or "auto") if name == "auto" else name
+
+    def kernel_trial(self) -> KernelTrial:
+        """This model's, device's and batch size's trial of "auto" (kernels.KernelTrial)."""
+        key = (self.model.fingerprint, self.device, self.batch_size)
+        return _kernel_trials.setdefault(key, KernelTrial())
+
+    def _trial_run(self, specs: Sequence[PromptSpec], policy: str,
+                   bounds: Optional[Bounds]) -> list[Verdict]:
+        """One screen of "auto"'s trial: the batch under both kernels, timed; native's verdicts
+        (faithful) returned."""
+        timed = {}
+        for name in ("native", AUTO_CANDIDATE):
+            with kernel(name):
+                start = time.perf_counter()
+                timed[name] = (self.run(specs, policy, bounds), time.perf_counter() - start)
+        (verdicts, native_s), (screened, candidate_s) = timed["native"], timed[AUTO_CANDIDATE]
+        rerun = sum(needs_faithful_run(v) for v in screened) / max(1, len(screened))
+        self.kernel_trial().add(native_s, candidate_s, rerun)
+        return verdicts
 
     def screen(self, specs: Sequence[PromptSpec], policy: str, known: set[Signature],
                bounds: Optional[Bounds] = None) -> list[Screened]:
@@ -171,15 +210,19 @@ class Session:
         With a non-faithful screening kernel (`screening_kernel`), every verdict that is not
         finite or is a near miss (headroom < NEAR_MISS_HEADROOM) is first re-run with the
         faithful kernel, batched as usual; only the clearly finite ones keep the screening
-        verdict. So every non-finite verdict returned, and every new signature, is faithful."""
+        verdict. So every non-finite verdict returned, and every new signature, is faithful.
+        While "auto"'s trial is under way a batch runs under both kernels and keeps native's
+        verdicts (`_trial_run`)."""
         name = self.screening_kernel(policy)
+        if name == "auto":
+            verdicts, name = self._trial_run(specs, policy, bounds), "native"
+        else:
+            with kernel(name):
+                verdicts = self.run(specs, policy, bounds)
         self.screened_with[get_policy(policy).name] = name
-        with kernel(name):
-            verdicts = self.run(specs, policy, bounds)
         alone = [len(specs) == 1] * len(specs)  # whether a verdict comes from a run alone
         if name != "native":
-            redo = [i for i, v in enumerate(verdicts)
-                    if not v.finite or v.min_headroom() < NEAR_MISS_HEADROOM]
+            redo = [i for i, v in enumerate(verdicts) if needs_faithful_run(v)]
             if redo:
                 with kernel("native"):
                     faithful = self.run([specs[i] for i in redo], policy, bounds)

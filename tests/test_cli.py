@@ -261,6 +261,8 @@ def test_a_finding_past_the_measuring_deadline_is_reported_with_its_add_command(
                  if "measure and save it: " in line]
     [md, *_] = write_report(job.summary(), str(tmp_path / "r"))
     assert "(unmeasured, not saved)" in md.read_text() and command in md.read_text()
+    # the kernel that screened float16 ("native" while auto's trial is under way) is stated
+    assert f"**Screening kernels:** float16 {session.screened_with['float16']}" in md.read_text()
     argv = shlex.split(command)
     assert argv[:4] == ["python", "-m", "fuzz", "add"]
     assert main(argv[3:]) == 0  # the command measures it and saves it

@@ -49,12 +49,10 @@ def test_cached_fp32_accumulate_is_the_uncached_product():
 def test_screening_kernel_choice(monkeypatch):
     assert kernels.screening_kernel("fp32-accumulate", torch.float16) == "fp32-accumulate"
     assert kernels.screening_kernel("native", torch.float16) == "native"
+    assert kernels.screening_kernel("auto", torch.float16) == "auto"  # for the trial to decide
     # only float16 products have a choice
     assert kernels.screening_kernel("fp32-accumulate", torch.bfloat16) == "native"
     assert kernels.screening_kernel("auto", torch.float32) == "native"
-    assert kernels.screening_kernel("auto", torch.float16) in kernels.KERNELS
-    name, speedup = kernels.auto_screen_kernel()
-    assert speedup > 0 and (name == "fp32-accumulate") == (speedup >= kernels.SCREEN_SPEEDUP_NEEDED)
     with pytest.raises(ValueError, match="unknown screening kernel 'fast'"):
         kernels.screening_kernel("fast", torch.float16)
     monkeypatch.setenv(kernels.SCREEN_KERNEL_ENV, "fp32-accumulate")
@@ -64,21 +62,106 @@ def test_screening_kernel_choice(monkeypatch):
     assert kernels.default_screen_kernel() == "auto"
 
 
+@pytest.mark.parametrize("rows", [1, kernels.WIDE_ROWS - 1, kernels.WIDE_ROWS, 64])
+def test_the_wide_kernel_accumulates_in_float32_only_wide_products(rows, monkeypatch):
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 640, generator=gen).half(), torch.randn(512, 640, generator=gen)
+    w = w.half()
+    with kernels.kernel("fp32-accumulate"):  # the kernels differ on these operands, or the
+        assert not torch.equal(kernels.linear(x, w),  # test could not tell them apart
+                               torch.nn.functional.linear(x, w))
+    wide = rows >= kernels.WIDE_ROWS
+    with kernels.kernel("fp32-accumulate-wide"):
+        got = kernels.linear(x, w)
+    with kernels.kernel("fp32-accumulate" if wide else "native"):
+        assert torch.equal(got, kernels.linear(x, w)) and got.dtype == torch.float16
+    # Rows, not elements, and every leading dimension counts: [2, rows, 640] has 2 x rows.
+    stacked = torch.stack([x, x])
+    with kernels.kernel("fp32-accumulate-wide"):
+        got = kernels.linear(stacked, w)
+    with kernels.kernel("fp32-accumulate" if 2 * rows >= kernels.WIDE_ROWS else "native"):
+        assert torch.equal(got, kernels.linear(stacked, w))
+    # A batched matmul counts the rows of each product (this CPU's native float16 bmm rounds
+    # like fp32-accumulate, so the operands' dtype is what tells).
+    operand_dtypes: list[torch.dtype] = []
+    real_matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: (operand_dtypes.append(a.dtype),
+                                                       real_matmul(a, b))[1])
+    with kernels.kernel("fp32-accumulate-wide"):
+        product = kernels.matmul(torch.randn(4, rows, 64).half(), torch.randn(4, 64, 8).half())
+    assert operand_dtypes == [torch.float32 if wide else torch.float16]
+    assert product.dtype == torch.float16
+
+
+def test_the_kernel_trial_decides_on_timed_screens_with_reruns_charged():
+    trial = kernels.KernelTrial()
+    for _ in range(kernels.TRIAL_WARMUP):
+        trial.add(100.0, 1.0, 0.0)  # warm-up: not counted (the float32 copies are made here)
+    assert (trial.native_s, trial.choice) == (0.0, None)
+    trial.add(1.5, 1.0, 0.0)
+    assert trial.choice is None  # one screen decides nothing
+    trial.add(1.5, 1.0, 0.0)
+    assert trial.speedup == 1.5 and trial.choice == "fp32-accumulate-wide"
+    charged = kernels.KernelTrial(screens=kernels.TRIAL_WARMUP)
+    # As fast alone, but a third of its prompts would be re-run natively: 1.0 + 0.5 = 1.5 s.
+    charged.add(1.5, 1.0, 1 / 3), charged.add(1.5, 1.0, 1 / 3)
+    assert charged.speedup == pytest.approx(1.0) and charged.choice == "native"
+    tiny = kernels.KernelTrial(screens=kernels.TRIAL_WARMUP)
+    for _ in range(kernels.TRIAL_MAX_SCREENS - 1):
+        tiny.add(0.001, 0.0005, 0.0)  # one-prompt batches: too little time to decide ...
+    assert tiny.choice is None
+    tiny.add(0.001, 0.0005, 0.0)  # ... until TRIAL_MAX_SCREENS
+    assert tiny.choice == "fp32-accumulate-wide"
+
+
+def test_auto_screens_natively_during_its_trial_then_with_its_choice(monkeypatch):
+    """While the trial runs, every batch runs under both kernels and native's verdicts are
+    returned; once decided, batches run under the choice alone."""
+    model = digit_run_model(RUN)
+    monkeypatch.setattr(session_module, "_kernel_trials", {})
+    auto = Session(model, bounds=Bounds(max_new_tokens=2), screen_kernel="auto")
+    native = Session(model, bounds=auto.bounds, screen_kernel="native")
+    calls: list[str] = []
+    real_run = auto.run
+    monkeypatch.setattr(auto, "run", lambda specs, policy, bounds=None: (
+        calls.append(kernels.current_kernel()), real_run(specs, policy, bounds))[1])
+    specs = [PromptSpec(t) for t in ("hello", "0" * (RUN - 1), "12 34")]
+    expected = native.screen(specs, "float16", known=set())
+    trial = auto.kernel_trial()
+    while trial.choice is None:
+        calls.clear()
+        got = auto.screen(specs, "float16", known=set())
+        assert calls == ["native", "fp32-accumulate-wide"]
+        assert auto.screened_with == {"float16": "native"}
+        assert all(same(g.verdict, e.verdict) for g, e in zip(got, expected))
+    assert trial.screens == kernels.TRIAL_WARMUP + kernels.TRIAL_MAX_SCREENS  # ms per screen
+    calls.clear()
+    auto.screen(specs[:1], "float16", known=set())
+    assert calls == [trial.choice] and auto.screened_with == {"float16": trial.choice}
+    # one trial per (model, device, batch size), whatever the bounds
+    assert Session(model, bounds=Bounds(max_new_tokens=5), screen_kernel="auto"
+                   ).kernel_trial() is trial
+    assert Session(model, batch_size=4, screen_kernel="auto").kernel_trial() is not trial
+
+
 def same(a: Verdict, b: Verdict) -> bool:
     """Bit for bit, NaN included (NaN != NaN in a plain dict comparison)."""
     return json_safe(a.to_dict()) == json_safe(b.to_dict())
 
 
-def _pair(model, bounds: Bounds) -> tuple[Session, Session]:
+SCREENING_KERNELS = ["fp32-accumulate", "fp32-accumulate-wide"]
+
+
+def _pair(model, bounds: Bounds, name: str) -> tuple[Session, Session]:
     native = Session(model, bounds=bounds, screen_kernel="native")
-    forced = Session(model, bounds=bounds, screen_kernel="fp32-accumulate")
+    forced = Session(model, bounds=bounds, screen_kernel=name)
     return native, forced
 
 
 def _assert_same_findings(native: Session, forced: Session, specs: list[PromptSpec]) -> None:
     expected = native.screen(specs, "float16", known=set())
     got = forced.screen(specs, "float16", known=set())
-    assert forced.screened_with == {"float16": "fp32-accumulate"}
+    assert forced.screened_with == {"float16": forced.screen_kernel}
     assert native.screened_with == {"float16": "native"}
     assert any(r.new for r in expected)  # the sets hold findings
     for spec, e, g in zip(specs, expected, got):
@@ -87,15 +170,17 @@ def _assert_same_findings(native: Session, forced: Session, specs: list[PromptSp
             assert same(g.verdict, e.verdict), spec
 
 
-def test_a_forced_screening_kernel_keeps_the_faithful_findings_of_tiny_planted():
-    native, forced = _pair(load_model("tiny-planted"), Bounds(max_new_tokens=3))
+@pytest.mark.parametrize("name", SCREENING_KERNELS)
+def test_a_forced_screening_kernel_keeps_the_faithful_findings_of_tiny_planted(name):
+    native, forced = _pair(load_model("tiny-planted"), Bounds(max_new_tokens=3), name)
     specs = [PromptSpec(t) for t in ("hello", "a 7", "kernel 7 ms", "the cat", "7")] + \
         [PromptSpec("x 7", add_bos=False)]
     _assert_same_findings(native, forced, specs)
 
 
-def test_a_forced_screening_kernel_keeps_the_faithful_findings_of_a_digit_run():
-    native, forced = _pair(digit_run_model(RUN), Bounds(max_new_tokens=2))
+@pytest.mark.parametrize("name", SCREENING_KERNELS)
+def test_a_forced_screening_kernel_keeps_the_faithful_findings_of_a_digit_run(name):
+    native, forced = _pair(digit_run_model(RUN), Bounds(max_new_tokens=2), name)
     trigger = minimal_trigger(RUN)
     specs = [PromptSpec(t) for t in (trigger, "0" * (RUN - 1), f"a {trigger} b", "hello",
                                      "12 34")]

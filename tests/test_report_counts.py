@@ -210,3 +210,16 @@ def test_json_round_trip_keeps_the_new_fields(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- data model
+
+
+def test_the_header_names_each_policys_screening_kernel_and_the_trial(tmp_path: Path) -> None:
+    s = run_summary(tmp_path)
+    assert "Screening kernels" not in render_markdown(s)  # a report that recorded none
+    s.screening_kernels = {"float32": "native", "float16": "fp32-accumulate-wide"}
+    s.kernel_trial_speedup = 1.274
+    md = render_markdown(s)
+    assert ("float16 fp32-accumulate-wide, float32 native (auto's trial: "
+            "fp32-accumulate-wide ran at 1.27x native's speed, re-runs counted)") in md
+    back = RunSummary.from_json(s.to_json())
+    assert (back.screening_kernels, back.kernel_trial_speedup) == (s.screening_kernels, 1.274)
+    assert render_markdown(back) == md

@@ -195,10 +195,13 @@ def test_mutants_edit_the_pool_and_shrink_to_one_deletion():
 def test_mutants_read_the_pool_when_they_draw_and_splice_into_nothing_while_it_is_empty():
     pool: list[str] = []
     strategy = mutants(pool)
-    spliced = find(strategy, lambda t: len(t) > 0, settings=settings(database=None))
+    # The profile's 25 examples can all miss a splice (a suite run failed so, 2026-12-02): find()
+    # stops at the first match anyway.
+    enough = settings(database=None, max_examples=1000)
+    spliced = find(strategy, lambda t: len(t) > 0, settings=enough)
     assert spliced  # only a splice gives text while the pool is empty
     pool.append("the tensor is 4096")  # the same strategy now edits what the pool holds
-    drawn = find(strategy, lambda t: "tensor" in t, settings=settings(database=None))
+    drawn = find(strategy, lambda t: "tensor" in t, settings=enough)
     assert drawn in {pool[0][1:], pool[0][:-1]} or len(drawn) == len(pool[0]) - 1
 
 

@@ -14,24 +14,36 @@ product changes. Only float16 products are affected; other dtypes always use tor
 The second kernel is also a screening kernel (fuzz.session.Session.screen) on CPUs whose native
 float16 matmuls are slow: a CPU without avx512_fp16 ran them at ~35 GFLOP/s against ~148 in
 float32 (docs/NUMERICS.md). For that it keeps a float32 copy of each float16 weight (converting
-the 262144 x 640 LM head on every call would cost more than the product); `screening_kernel`
-decides, from a start-up measurement, whether screening uses it.
+the 262144 x 640 LM head on every call would cost more than the product); "auto" decides,
+from a trial on the loaded model's own first screens (`KernelTrial`), whether screening uses
+"fp32-accumulate-wide": float32 accumulation only where it pays on such a CPU (WIDE_ROWS).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("native", "fp32-accumulate")
+KERNELS = ("native", "fp32-accumulate", "fp32-accumulate-wide")
+# "fp32-accumulate-wide" accumulates in float32 only the products of at least this many rows (M
+# of an M x K by K x N product; of each one in a batched matmul), native float16 the others: a
+# screening kernel, not a machine's imitation. Why, measured on a 2-core AMD EPYC with avx2/fma
+# only (no avx512), 2026-12-02: native float16 is compute-bound at every M (~17 GFLOP/s) while
+# fp32-accumulate reads float32 weights, twice the bytes. Over Gemma 3 270M's layer weights
+# fp32-accumulate was 0.38x native at 1 row, 0.97x at 8, 1.59x at 16, 3.49x at 128; on the
+# 262144 x 640 head 0.79x at 8, 1.33x at 16. So a prefill (batch x prompt rows) gains and the
+# decode of a batch of 8 loses: a whole screen (8 prompts, 16 new tokens) ran 6.5 s under
+# fp32-accumulate, 6.1 s native, 3.6-4.6 s under this kernel.
+WIDE_ROWS = 16
 _kernel: ContextVar[str] = ContextVar("gemma_fuzz_kernel", default="native")
 
 
@@ -52,8 +64,13 @@ def current_kernel() -> str:
     return _kernel.get()
 
 
-def _accumulate_in_float32(*tensors: torch.Tensor) -> bool:
-    return _kernel.get() == "fp32-accumulate" and tensors[0].dtype == torch.float16
+def _accumulate_in_float32(x: torch.Tensor, rows: int) -> bool:
+    """Whether the current kernel computes this product (float16 operand `x`, `rows` rows) as
+    float32 products rounded to float16 once."""
+    name = _kernel.get()
+    if x.dtype != torch.float16 or name == "native":
+        return False
+    return name == "fp32-accumulate" or rows >= WIDE_ROWS
 
 
 # --- float32 copies of float16 weights ---------------------------------------------------------
@@ -83,14 +100,14 @@ def float32_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T, as F.linear (weight kept in its [N, K] layout: see GemmaForCausalLM)."""
-    if _accumulate_in_float32(x):
+    if _accumulate_in_float32(x, x.numel() // max(1, x.shape[-1])):
         # The same values as weight.float() (the copy is exact): the same products as before.
         return F.linear(x.float(), float32_weight(weight)).to(torch.float16)
     return F.linear(x, weight)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if _accumulate_in_float32(a):
+    if _accumulate_in_float32(a, a.shape[-2] if a.dim() > 1 else 1):
         return torch.matmul(a.float(), b.float()).to(torch.float16)
     return torch.matmul(a, b)
 
@@ -98,18 +115,22 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # --- which kernel screens ----------------------------------------------------------------------
 SCREEN_KERNEL_ENV = "GEMMA_FUZZ_SCREEN_KERNEL"
 SCREEN_KERNEL_CHOICES = ("auto", *KERNELS)
-# "auto" screens with fp32-accumulate only when it is at least this much faster than native on
-# the start-up measurement. Screening with it costs extra faithful runs (every candidate finding
-# and near miss is re-run natively, fuzz.session), so a marginal gain would be a loss. The
-# measurement is not a verdict on the whole run: on a 2-core AMD EPYC without avx512_fp16 it
-# read 0.47-0.57 once and 1.63 later (both busy), and at 1.63 the fp32-accumulate screen still
-# ran slower over the real run (0.99 vs 1.21 prompts/s, bench_throughput.py --quick); a Xeon
-# with avx512_fp16 read ~0.55-1.1. GEMMA_FUZZ_SCREEN_KERNEL=native overrides it.
-SCREEN_SPEEDUP_NEEDED = 1.5
-# Representative shapes (M, K, N) of a screening batch on Gemma 3 270M: a decode MLP projection
-# and a slice of the 262144 x 640 LM head, at 32 rows. ~0.4 GFLOP each way: ~15 ms at float16's
-# 35 GFLOP/s on the slow kind, a few ms elsewhere; 5 rounds of each: ~0.1 s here.
-SPEED_SHAPES = ((32, 640, 2048), (32, 640, 8192))
+# The kernel "auto" may pick instead of native, after a trial on the model's own first screens
+# (KernelTrial).
+AUTO_CANDIDATE = "fp32-accumulate-wide"
+# ... and only when it is at least this much faster, its faithful re-runs counted (every
+# candidate finding and near miss is re-run natively, fuzz.session): a margin for the noise of a
+# busy machine, where a wrong pick costs the whole run. GEMMA_FUZZ_SCREEN_KERNEL (one of
+# SCREEN_KERNEL_CHOICES) overrides the trial.
+SCREEN_SPEEDUP_NEEDED = 1.2
+# The trial: the first TRIAL_WARMUP screens of a model run under both kernels untimed (kernel
+# selection, first-touch allocations, the float32 weight copies), then screens run under both
+# and timed until native has taken TRIAL_SECONDS over at least TRIAL_SCREENS of them, so that a
+# handful of one-prompt batches (no product wide enough to differ) cannot decide alone.
+TRIAL_WARMUP = 1
+TRIAL_SCREENS = 2
+TRIAL_SECONDS = 2.0
+TRIAL_MAX_SCREENS = 8
 
 
 def parse_screen_kernel(name: str) -> str:
@@ -125,61 +146,46 @@ def default_screen_kernel() -> str:
     return parse_screen_kernel(os.environ.get(SCREEN_KERNEL_ENV, "auto").strip() or "auto")
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def measure_float16_speedup(rounds: int = 5) -> float:
-    """native float16 time / fp32-accumulate time over SPEED_SHAPES (> 1: fp32-accumulate is
-    faster), the weight's float32 copy made beforehand, as the cache does.
-
-    The two kernels are timed in alternation and each keeps its best round, so a burst of other
-    work on the machine slows both alike instead of one (measured on a busy 2-core machine:
-    best-of-3 timed back to back once read 1.87 where quiet runs read 0.77-0.90)."""
-    gen = torch.Generator().manual_seed(0)
-    native = accumulated = 0.0
-    for m, k, n in SPEED_SHAPES:
-        x = torch.randn(m, k, generator=gen).half()
-        w = torch.randn(n, k, generator=gen).half()
-        w32 = w.float()
-
-        def run_native(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
-            return F.linear(x, w)
-
-        def run_accumulated(x: torch.Tensor = x, w32: torch.Tensor = w32) -> torch.Tensor:
-            return F.linear(x.float(), w32).to(torch.float16)
-
-        run_native(), run_accumulated()  # warm-up: kernel selection, first-touch allocations
-        times = [(_seconds(run_native), _seconds(run_accumulated)) for _ in range(rounds)]
-        native += min(t[0] for t in times)
-        accumulated += min(t[1] for t in times)
-    return native / accumulated
-
-
-_measured: Optional[tuple[str, float]] = None
-
-
-def auto_screen_kernel() -> tuple[str, float]:
-    """The float16 screening kernel "auto" picks on this machine, and the measured speedup
-    (measured once per process, ~0.1 s). A speedup past the threshold is measured a second
-    time and the smaller one kept: a skewed first reading cannot switch the kernel alone."""
-    global _measured
-    if _measured is None:
-        speedup = measure_float16_speedup()
-        if speedup >= SCREEN_SPEEDUP_NEEDED:
-            speedup = min(speedup, measure_float16_speedup())
-        _measured = ("fp32-accumulate" if speedup >= SCREEN_SPEEDUP_NEEDED else "native",
-                     speedup)
-    return _measured
-
-
 def screening_kernel(choice: str, dtype: torch.dtype) -> str:
-    """The kernel that screens a model of `dtype`: only float16 products have a choice."""
+    """The kernel that screens a model of `dtype` ("auto": still to be decided by a
+    KernelTrial): only float16 products have a choice."""
     choice = parse_screen_kernel(choice)
-    if dtype != torch.float16:
-        return "native"
-    if choice == "auto":
-        return auto_screen_kernel()[0]
-    return choice
+    return choice if dtype == torch.float16 else "native"
+
+
+@dataclass
+class KernelTrial:
+    """"auto"'s measurement, on the screens a run makes anyway: each of a model's first screens
+    runs under native (whose verdicts it keeps: they are faithful) and under AUTO_CANDIDATE,
+    the same batch, and the candidate is charged its time plus its share of faithful re-runs
+    (the prompts it would re-run natively, at native's time per prompt). `choice` is set once
+    enough was timed.
+
+    Why the model's own screens and not bare matmuls: bare products of the model's shapes
+    read fp32-accumulate 1.63-1.85x faster than native on an AMD EPYC with avx512f/avx512_bf16
+    (no avx512_fp16), while the whole model ran slower with it (8 prompts of 16 tokens, 16 new
+    tokens: 3.70 s against 3.48 s natively); a small product's weights stay in cache, the
+    model's stream from memory (WIDE_ROWS)."""
+
+    native_s: float = 0.0
+    candidate_s: float = 0.0
+    screens: int = 0
+    choice: Optional[str] = None
+
+    def add(self, native_s: float, candidate_s: float, rerun_fraction: float) -> None:
+        """One screen timed under both kernels; `rerun_fraction` of its prompts the candidate
+        would have re-run natively."""
+        self.screens += 1
+        if self.screens <= TRIAL_WARMUP:
+            return
+        self.native_s += native_s
+        self.candidate_s += candidate_s + rerun_fraction * native_s
+        timed = self.screens - TRIAL_WARMUP
+        if (timed >= TRIAL_SCREENS and self.native_s >= TRIAL_SECONDS) or \
+                timed >= TRIAL_MAX_SCREENS:
+            self.choice = AUTO_CANDIDATE if self.speedup >= SCREEN_SPEEDUP_NEEDED else "native"
+
+    @property
+    def speedup(self) -> float:
+        """native / candidate time over the timed screens (NaN before any)."""
+        return self.native_s / self.candidate_s if self.candidate_s else math.nan

@@ -331,6 +331,11 @@ class RunSummary:
     batch_size: int | None = None
     round_examples: int | None = None
     long: bool = False  # `fuzz run --long` (fuzz.long): the long-prompt strategy ran
+    # policy -> the matmul kernel its screens ran with last (fuzz.engine.kernels; the verdicts
+    # that count are faithful whichever), and the speedup over native that "auto"'s trial
+    # measured when it decided (fuzz.engine.kernels.KernelTrial; None: no trial decided)
+    screening_kernels: dict[str, str] = field(default_factory=dict)
+    kernel_trial_speedup: float | None = None
 
     def __post_init__(self) -> None:
         if self.stopped not in STOP_REASONS:

@@ -228,9 +228,19 @@ def header_facts(s: RunSummary) -> list[tuple[str, str]]:
         ("Budget / elapsed", f"{fmt_duration(s.budget_s)} / {fmt_duration(s.elapsed_s)}"),
         ("Stopped", stopped), ("Examples", str(s.examples)), ("Seed", str(s.seed)),
         ("Bounds", bounds_text(s.bounds)), ("Device", s.device),
+        *([("Screening kernels", screening_text(s))] if s.screening_kernels else []),
         ("Versions", f"gemma-fuzz {s.tool_version}, torch {s.torch_version}"),
         ("Corpus", s.corpus_dir),
     ]
+
+
+def screening_text(s: RunSummary) -> str:
+    """Which matmul kernel screened each policy, and what "auto"'s trial measured."""
+    text = ", ".join(f"{policy} {name}" for policy, name in sorted(s.screening_kernels.items()))
+    if s.kernel_trial_speedup is not None:
+        text += (f" (auto's trial: fp32-accumulate-wide ran at {s.kernel_trial_speedup:.2f}x "
+                 "native's speed, re-runs counted); non-finite verdicts are always native")
+    return text
 
 
 # --------------------------------------------------------------------------- report content
