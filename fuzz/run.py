@@ -283,8 +283,11 @@ class FuzzJob:
             kernel_trial_speedup=self._kernel_trial_speedup(),
             command="python -m fuzz " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
-
     def _kernel_trial_speedup(self) -> float | None:
+        """What "auto"'s trial measured, when this run screened with "auto" and it decided (a
+        forced kernel runs no trial: a trial of another session must not be reported)."""
+        if self.session.screen_kernel != "auto":
+            return None
         trial = self.session.kernel_trial()
         return trial.speedup if trial.choice is not None else None
 
