@@ -15,6 +15,13 @@ at once: 200 `[` and a newline (finite) has headroom 1.08-1.24 at the residuals 
 and 224 / 240 / 248 / 260 of them first overflow at layer 14 attention / 13 MLP / 13 attention /
 11 MLP: closing a site leaves the family next to the others.
 
+So the pool keeps at most PER_FAMILY prompts of one *family*: prompts that differ only in how long
+their runs of one character are (`family`). The "repeat" mutation climbs a run's length, and
+without the cap every slot of the pool held one family's run lengths, so every mutant edited it.
+Same command and seed on another machine (2026-12-02, benchmarks/README.md): before the cap the
+default saved 3 signatures in 226 prompts, two of them `[` runs; with it 4 in 326 prompts, from
+four families (one `[` run); random draws 5 and 4 (its draws change with the code's literals).
+
 The report's nearest misses (fuzz.report.PolicySummary) stay ranked by headroom anywhere: what a
 user shipping float16 needs to know. Before any signature of the mode is known the two rankings
 are the same, but this pool takes no prompt without a content site measured (the empty prompt
@@ -23,6 +30,7 @@ with BOS): there is nothing in it to edit toward.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +39,14 @@ from .report import NEAREST_MISSES
 from .verdict import Verdict, layer_label
 
 Site = tuple[str, str]  # (layer label, site) as in Verdict.content_max_abs
+PER_FAMILY = 1  # prompts of one family the pool may hold
+_RUN = re.compile(r"(.)\1+", re.DOTALL)
+
+
+def family(prompt: str) -> str:
+    """The prompt with every run of one character cut to one character: 224 and 260 `[` and a
+    newline are both "[\n"; "1e308" is its own family."""
+    return _RUN.sub(r"\1", prompt)
 
 
 def closed_sites(known: Iterable[Signature], policy: str, add_bos: bool,
@@ -53,10 +69,12 @@ def open_headroom(verdict: Verdict, closed: frozenset[Site]) -> float:
 
 @dataclass
 class MissPool:
-    """The `keep` finite prompts with the least open headroom (closest first). Kept for a mode
-    across rounds (fuzz.run): a round starts from what the last one came closest with."""
+    """The `keep` finite prompts with the least open headroom (closest first), at most
+    `per_family` of one family. Kept for a mode across rounds (fuzz.run): a round starts from
+    what the last one came closest with."""
 
     keep: int = NEAREST_MISSES
+    per_family: int = PER_FAMILY
     closed: frozenset[Site] = frozenset()
     _ranked: list[tuple[float, Verdict]] = field(default_factory=list, repr=False)
 
@@ -68,7 +86,8 @@ class MissPool:
                                   key=lambda kept: kept[0])
 
     def offer(self, verdict: Verdict) -> None:
-        """Keeps a finite verdict when it is closer than the farthest kept one."""
+        """Keeps a finite verdict when it is closer than the farthest kept one, and than the
+        farthest kept one of its family when that family has its `per_family` already."""
         if not verdict.finite:
             return
         headroom = open_headroom(verdict, self.closed)
@@ -78,6 +97,12 @@ class MissPool:
             return
         if any(v.prompt == verdict.prompt for _, v in self._ranked):
             return  # Hypothesis replays examples: one prompt must not fill the pool
+        kin = [i for i, (_, v) in enumerate(self._ranked) if family(v.prompt) ==
+               family(verdict.prompt)]
+        if len(kin) >= self.per_family:
+            if headroom >= self._ranked[kin[-1]][0]:
+                return
+            del self._ranked[kin[-1]]  # the family's farthest gives way
         self._ranked.append((headroom, verdict))
         self._ranked.sort(key=lambda kept: kept[0])
         del self._ranked[self.keep:]

@@ -65,6 +65,11 @@ class FuzzJob:
     summaries: dict[str, PolicySummary] = field(default_factory=dict)  # per policy, in order
     known: set[Signature] = field(default_factory=set)
     marginal_tries: dict[Signature, int] = field(default_factory=dict)
+    # (signature, shrunk prompt) of every marginal finding: the example database replays a
+    # failing example in the mode's next round, and Hypothesis shrinks it to the same prompt
+    # again (measured: bench_search_real.py's default run assessed one prompt twice).
+    # Maps it to the signature its measured case had.
+    marginal_prompts: dict[tuple[Signature, str], Signature] = field(default_factory=dict)
     started: float = 0.0
     started_at: str = ""
     stopped: str = "budget"
@@ -209,6 +214,10 @@ class FuzzJob:
         case every machine will reproduce; a marginal one is reported, not saved, and so is one
         the budget left no time to measure ("unmeasured", with the command that measures it)."""
         found = err.screened.verdict
+        measured = self.marginal_prompts.get((err.screened.signature, err.spec.text))
+        if measured is not None:
+            self._note_marginal(measured)  # a try, without measuring the same prompt again
+            return
         # After Ctrl-C/SIGTERM the user waits for the measurement (a second signal stops it);
         # otherwise the budget is hard (fuzz.schedule).
         measure_by = math.inf if how == "interrupted" else self.schedule.measure_deadline
@@ -241,6 +250,7 @@ class FuzzJob:
             status, path = result.status, result.path
         else:
             self._note_marginal(case.signature)
+            self.marginal_prompts[err.screened.signature, err.spec.text] = case.signature
             status, path = "marginal", None
         finding = self.summaries[verdict.policy].add_finding(
             verdict, status, path, case.signature, how, case.margin, case.robustness)

@@ -270,6 +270,40 @@ def test_a_finding_past_the_measuring_deadline_is_reported_with_its_add_command(
     assert saved.case.prompt == "a 7" and saved.case.robustness["robust"]
 
 
+def test_a_marginal_prompt_replayed_by_the_database_is_not_measured_again(tmp_path,
+                                                                          monkeypatch):
+    """The example database replays a failing example in the mode's next round and Hypothesis
+    shrinks it to the same prompt: that counts as the signature's second try, unmeasured."""
+    import fuzz.run
+    from fuzz.schedule import Schedule
+    from fuzz.search import NewSignature
+
+    measured = []
+
+    def counted(*args, **kwargs):
+        measured.append(args[1].text)
+        return finalize(*args, **kwargs)
+
+    finalize = fuzz.run.finalize
+    monkeypatch.setattr(fuzz.run, "finalize", counted)
+    # No margin can reach 100: every finding is marginal.
+    session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2),
+                      min_margin=100.0)
+    job = FuzzJob(session, parse_policies("float16"), [False], 120.0, Corpus(tmp_path / "c"),
+                  None, 3, 15, None, quiet=True)
+    job.started = time.monotonic()
+    job.schedule = Schedule.plan(job.policies, job.bos_modes, job.budget_s, job.started)
+    spec = PromptSpec("a 7", add_bos=False)
+    err = NewSignature(session.screen([spec], "float16", set())[0], spec)
+    job._save(err, "shrunk")
+    [finding] = job.summaries["float16"].findings
+    assert finding.status == "marginal" and err.screened.signature not in job.known
+    job._save(err, "shrunk")  # the replay
+    assert measured == ["a 7"]  # measured once
+    assert len(job.summaries["float16"].findings) == 1  # and reported once
+    assert finding.signature in job.known  # MARGINAL_TRIES (2) reached: no longer chased
+
+
 def test_sigterm_mid_run_keeps_findings_and_leaves_no_partial_file(tmp_path):
     corpus = tmp_path / "corpus"
     proc = subprocess.Popen(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from fuzz.misses import MissPool, closed_sites, open_headroom
+from fuzz.misses import MissPool, closed_sites, family, open_headroom
 from fuzz.verdict import Verdict
 
 LIMIT = 65504.0
@@ -60,3 +60,29 @@ def test_the_pool_takes_only_finite_runs_with_an_open_site_measured():
     pool.offer(verdict("nan", {("2", "residual_mlp"): 1.0}, finite=False))
     pool.offer(verdict("only-closed", {("2", "residual_mlp"): 65000.0}))
     assert pool.prompts() == []
+
+
+def test_a_family_is_the_prompt_with_its_runs_of_one_character_cut_to_one():
+    assert family("[" * 224 + "\n") == family("[" * 260 + "\n") == "[\n"
+    assert family("1e308") == "1e308"
+    assert family("a\n\n\nbb") == "a\nb"
+    assert family("[[") != family("[]")
+
+
+def test_one_family_holds_one_slot_and_its_closest_member_keeps_it():
+    def run(length: int, value: float) -> Verdict:
+        return verdict("[" * length + "\n", {("2", "residual_mlp"): value})
+
+    pool = MissPool(keep=3)
+    for v in (run(200, 60000.0), run(224, 61000.0), run(210, 50000.0),
+              verdict("1e308", {("2", "residual_mlp"): 20000.0}),
+              verdict("hello", {("2", "residual_mlp"): 3000.0})):
+        pool.offer(v)
+    # Without the cap the three runs would fill the pool and "hello" would be out.
+    assert pool.prompts() == ["[" * 224 + "\n", "1e308", "hello"]
+    pool.offer(run(230, 62000.0))  # a closer run replaces its kin, not the others
+    assert pool.prompts() == ["[" * 230 + "\n", "1e308", "hello"]
+    wider = MissPool(keep=3, per_family=2)
+    for v in (run(200, 60000.0), run(224, 61000.0), run(210, 50000.0)):
+        wider.offer(v)
+    assert wider.prompts() == ["[" * 224 + "\n", "[" * 200 + "\n"]
