@@ -8,8 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fuzz import robustness
 from fuzz.engine import kernels
-from fuzz.engine.planted import digit_run_model, plan_digit_run
+from fuzz.engine.planted import (
+    digit_run_model,
+    is_minimal_trigger,
+    longest_digit_run,
+    plan_digit_run,
+)
 from fuzz.engine.synthetic import PLANTED_LAYER
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec
@@ -129,3 +135,56 @@ def test_the_float32_accumulating_kernel_changes_only_float16_products():
     with pytest.raises(ValueError, match="unknown matmul kernel 'int8'"):
         with kernels.kernel("int8"):
             pass
+
+
+def _digit_run_finding(run: int = 8) -> tuple[Session, PromptSpec, tuple, int]:
+    """A noisy planted finding: the trigger (a run of `run` digits) inside other text."""
+    session = Session(digit_run_model(run), bounds=Bounds(max_new_tokens=2))
+    spec = PromptSpec("kernel 123" + "4" * run + "9 ms")
+    [screened] = session.screen([spec], "float16", set())
+    assert screened.new
+    return session, spec, screened.signature, screened.verdict.first_nonfinite.step
+
+
+def test_finalize_runs_the_variations_once_when_the_minimized_prompt_holds(monkeypatch):
+    session, spec, sig, step = _digit_run_finding()
+    checked = []
+
+    def counted(session, candidate, *args, **kwargs):
+        checked.append(candidate.text)
+        return check_robustness(session, candidate, *args, **kwargs)
+
+    monkeypatch.setattr(robustness, "check_robustness", counted)
+    assessment = robustness.finalize(session, spec, "float16", sig, step)
+    assert assessment.robust and is_minimal_trigger(assessment.spec.text, 8)
+    assert checked == [assessment.spec.text]  # the minimized prompt's assessment only
+
+
+def test_finalize_goes_back_to_the_last_prompt_that_held_when_the_minimized_one_does_not(
+        monkeypatch):
+    """A kernel variation that flips every prompt shorter than 13 characters: the optimistic
+    minimizing ends at 8 digits, which do not hold; bisection finds the last accepted prompt
+    that did, and minimizing goes on from it checking every deletion."""
+    session, spec, sig, step = _digit_run_finding()
+    checked = []
+
+    def flips_when_short(session, candidate, policy, signature, *args, **kwargs):
+        checked.append(candidate.text)
+        real = check_robustness(session, candidate, policy, signature, *args, **kwargs)
+        if len(candidate.text) >= 13:
+            return real
+        return robustness.judge(real.outcomes[:1] + (robustness.Outcome(
+            "batched, 1 thread, cpu", "finite", None, "", None),), signature, MIN_MARGIN)
+
+    monkeypatch.setattr(robustness, "check_robustness", flips_when_short)
+    assessment = robustness.finalize(session, spec, "float16", sig, step)
+    assert assessment.robust and len(assessment.spec.text) == 13
+    assert longest_digit_run(assessment.spec.text) >= 8
+    assert is_minimal_trigger(checked[0], 8) and checked[1] == spec.text  # the end, the finding
+
+
+def test_finalize_assesses_a_marginal_finding_as_it_is(monkeypatch):
+    session, spec, sig, step = _digit_run_finding()
+    monkeypatch.setattr(session, "min_margin", 100.0)  # no margin reaches it
+    assessment = robustness.finalize(session, spec, "float16", sig, step)
+    assert assessment.spec == spec and not assessment.robust
