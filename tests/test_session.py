@@ -79,3 +79,30 @@ def test_a_prefill_failure_is_first_cut_after_its_failing_token():
     assert causal_prefix(session, trigger, session.run([trigger], "float16")[0]) is None
     chat = dataclasses.replace(spec, chat=True)
     assert causal_prefix(session, chat, found) is None  # a template must stay whole
+
+
+@pytest.mark.parametrize("choice, batches", [("fp32-accumulate-wide", "fp32-accumulate-wide"),
+                                             ("auto", "native")])
+def test_the_minimizer_runs_candidates_with_the_screening_kernel_and_confirms_hits_natively(
+        choice, batches, monkeypatch):
+    """Candidate batches run with the screening kernel once it is chosen ("auto" still on trial:
+    native); every hit is confirmed alone with the faithful kernel, so the result is the same."""
+    from fuzz.engine.kernels import current_kernel
+
+    session = Session.open(ModelOptions("tiny-planted", device="cpu"), Bounds(max_new_tokens=2))
+    session.screen_kernel = choice
+    runs = []
+    real_run = session.run
+
+    def spy(specs, policy, bounds=None):
+        runs.append((len(specs), current_kernel()))
+        return real_run(specs, policy, bounds)
+
+    monkeypatch.setattr(session, "run", spy)
+    spec = PromptSpec("2147483647 and 0.0.0.70 kernel")
+    sig = session.signature(real_run([spec], "float16")[0])
+    small, _ = minimize_text(session, spec, "float16", sig)
+    assert small.text == "7"
+    assert {k for n, k in runs if n > 1} == {batches}
+    if batches != "native":  # the confirmations: one prompt alone, faithful
+        assert {n for n, k in runs if k == "native"} == {1}
