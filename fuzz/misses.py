@@ -22,6 +22,13 @@ Same command and seed on another machine (2026-12-02, benchmarks/README.md): bef
 default saved 3 signatures in 226 prompts, two of them `[` runs; with it 4 in 326 prompts, from
 four families (one `[` run); random draws 5 and 4 (its draws change with the code's literals).
 
+A marginal finding is a near miss too: a failure at an open site whose margin falls short of the
+one a regression case needs (fuzz.robustness) is `min_margin / margin` away from a case. Steering
+climbs toward the limit in small steps, so its first crossings are barely past it: on Gemma 3
+270M without BOS (benchmarks/bench_search_real.py, 2 seeds, edits of near misses logged) 4 of the
+mutants' 6 new signatures crossed at 1.002-1.012 and were given up as marginal, while fresh
+draws crossed at 1.022-1.125. Kept in the pool, such a failure is edited further past the limit.
+
 The report's nearest misses (fuzz.report.PolicySummary) stay ranked by headroom anywhere: what a
 user shipping float16 needs to know. Before any signature of the mode is known the two rankings
 are the same, but this pool takes no prompt without a content site measured (the empty prompt
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 
 from .corpus import Signature
 from .report import NEAREST_MISSES
+from .robustness import MIN_MARGIN
 from .verdict import Verdict, layer_label
 
 Site = tuple[str, str]  # (layer label, site) as in Verdict.content_max_abs
@@ -67,30 +75,46 @@ def open_headroom(verdict: Verdict, closed: frozenset[Site]) -> float:
                 for site, h in sites.items() if (layer, site) not in closed), default=math.inf)
 
 
+def distance(verdict: Verdict, closed: frozenset[Site], min_margin: float = MIN_MARGIN) -> float:
+    """How far a run is from a new regression case: its least open headroom when finite;
+    `min_margin / margin` when it failed at an open content site short of that margin (a
+    marginal finding: 1.011 past the limit is 1.009 short of 1.02); inf otherwise (a failure
+    at a closed site leads back to it, one past the margin is a finding, not a miss)."""
+    if verdict.finite:
+        return open_headroom(verdict, closed)
+    first, margin = verdict.first_nonfinite, verdict.margin
+    if first is None or margin is None or margin >= min_margin:
+        return math.inf
+    at_bos = verdict.add_bos and first.position == 0
+    site = ("embedding" if first.layer < 0 else str(first.layer), first.site)
+    return math.inf if at_bos or site in closed else min_margin / margin
+
+
 @dataclass
 class MissPool:
-    """The `keep` finite prompts with the least open headroom (closest first), at most
-    `per_family` of one family. Kept for a mode across rounds (fuzz.run): a round starts from
-    what the last one came closest with."""
+    """The `keep` prompts closest to a new regression case (`distance`: finite prompts by their
+    open headroom, marginal findings by their margin), closest first, at most `per_family` of
+    one family. Kept for a mode across rounds (fuzz.run): a round starts from what the last one
+    came closest with."""
 
     keep: int = NEAREST_MISSES
     per_family: int = PER_FAMILY
     closed: frozenset[Site] = frozenset()
+    min_margin: float = MIN_MARGIN  # the margin a case needs (Session.min_margin)
     _ranked: list[tuple[float, Verdict]] = field(default_factory=list, repr=False)
 
     def close(self, closed: frozenset[Site]) -> None:
         """Rank from now on by the headroom outside `closed` (the sites of known signatures)."""
         if closed != self.closed:
             self.closed = closed
-            self._ranked = sorted(((open_headroom(v, closed), v) for _, v in self._ranked),
+            ranked = ((distance(v, closed, self.min_margin), v) for _, v in self._ranked)
+            self._ranked = sorted((kept for kept in ranked if math.isfinite(kept[0])),
                                   key=lambda kept: kept[0])
 
     def offer(self, verdict: Verdict) -> None:
-        """Keeps a finite verdict when it is closer than the farthest kept one, and than the
-        farthest kept one of its family when that family has its `per_family` already."""
-        if not verdict.finite:
-            return
-        headroom = open_headroom(verdict, self.closed)
+        """Keeps a verdict when it is closer (`distance`) than the farthest kept one, and than
+        the farthest kept one of its family when that family has its `per_family` already."""
+        headroom = distance(verdict, self.closed, self.min_margin)
         if math.isinf(headroom):
             return
         if len(self._ranked) >= self.keep and headroom >= self._ranked[-1][0]:

@@ -224,8 +224,9 @@ class FuzzHarness:
         # Under an unsafe policy a failure below the margin a case needs is marginal: it would
         # not reproduce on every machine, so it is not a new bug to shrink (fuzz.robustness).
         # Steer as `fuzz run` does: toward content headroom, never toward known signatures.
-        target(steering_score([screened]))
-        if screened.new and (safe or passes_margin(screened.verdict, self.session.min_margin)):
+        case_margin = 0.0 if safe else self.session.min_margin
+        target(steering_score([screened], case_margin=case_margin))
+        if screened.new and passes_margin(screened.verdict, case_margin):
             raise error_for(screened.signature)(screened, spec)
 
 

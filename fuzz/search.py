@@ -12,10 +12,12 @@ Steering, the default of `fuzz run` (measured against random draws in benchmarks
 - each round draws half of its prompts fresh and half as stacked edits of this mode's nearest
   misses as they are when the prompt is drawn (`Search.live_pool`, refreshed after every batch
   and frozen while a failure is shrunk; fuzz.strategies.mutants);
-- every example reports `hypothesis.target()` on -log2 of its finite prompts' content headroom,
-  and the cap for a new signature; failures under KNOWN signatures score nothing, or targeting
-  would climb toward bugs the corpus already holds, and so does headroom at the sites of known
-  signatures: misses and scores look only at the sites still open (fuzz.misses);
+- every example reports `hypothesis.target()` on -log2 of its prompts' distance to a new
+  regression case (fuzz.misses.distance: content headroom, or how far a marginal finding is
+  short of the margin a case needs), and the cap for a new signature past that margin; failures
+  under KNOWN signatures score nothing, or targeting would climb toward bugs the corpus already
+  holds, and so does headroom at the sites of known signatures: misses and scores look only at
+  the sites still open (fuzz.misses);
 - a mode whose every prompt fails under one known signature at the BOS position before any
   content position is reached (Gemma 3 270M in float16 with BOS: layer 7) is *saturated*: its
   content headroom means nothing, so it is given up after SATURATION_PROBE prompts.
@@ -39,10 +41,10 @@ from hypothesis.reporting import with_reporter
 
 from .corpus import Signature
 from .generate import Bounds, PromptSpec
-from .misses import MissPool, Site, closed_sites, open_headroom
+from .misses import MissPool, Site, closed_sites, distance
 from .precision import get_policy
 from .report import ModeCounts, PolicySummary
-from .robustness import describe_where, passes_margin
+from .robustness import MIN_MARGIN, describe_where, passes_margin
 from .session import Screened, Session
 from .strategies import mutants
 from .verdict import Verdict
@@ -85,15 +87,15 @@ def error_for(sig: Signature) -> type[NewSignature]:
     return _SIGNATURE_ERRORS[sig]
 
 
-def steering_score(results: Sequence[Screened], closed: frozenset[Site] = frozenset()) -> float:
-    """-log2 of the smallest content headroom among the batch's finite prompts (bigger = closer
-    to overflow), outside the `closed` sites of known signatures (fuzz.misses); TARGET_CAP when
-    a prompt shows a new signature; known-signature failures and inconclusive runs score
-    nothing."""
-    if any(r.new for r in results):
+def steering_score(results: Sequence[Screened], closed: frozenset[Site] = frozenset(),
+                   case_margin: float = MIN_MARGIN) -> float:
+    """-log2 of the batch's least distance to a new regression case (fuzz.misses.distance:
+    bigger = closer), outside the `closed` sites of known signatures; TARGET_CAP when a prompt
+    shows a new signature past `case_margin` (the margin a case needs: fuzz.robustness);
+    known-signature failures and inconclusive runs score nothing."""
+    if any(r.new and passes_margin(r.verdict, case_margin) for r in results):
         return TARGET_CAP
-    finite = [open_headroom(r.verdict, closed) for r in results if r.verdict.finite]
-    worst = min(finite, default=math.inf)
+    worst = min((distance(r.verdict, closed, case_margin) for r in results), default=math.inf)
     if math.isinf(worst):
         return -TARGET_CAP
     if worst <= 0:
@@ -154,10 +156,11 @@ class Search:
 
     def __post_init__(self) -> None:
         if self.misses_pool is None:
-            self.misses_pool = MissPool()
+            self.misses_pool = MissPool(min_margin=self.case_margin)
             for verdict in self.summary.nearest_misses:
                 if verdict.add_bos == self.add_bos:
                     self.misses_pool.offer(verdict)
+        self.misses_pool.min_margin = self.case_margin  # one mode's pool: one policy's margin
         self.misses_pool.close(closed_sites(self.known, self.policy, self.add_bos,
                                             self.session.model.config.num_hidden_layers))
         self.live_pool[:] = self.pool()
@@ -197,7 +200,7 @@ class Search:
         cap = max((e.screened.verdict.first_nonfinite.step for e in self.pending.values()),
                   default=None)
         results = self.screen(specs, self.session.capped(cap) if cap is not None else None)
-        target(steering_score(results, self.closed), label=self.policy)
+        target(steering_score(results, self.closed, self.case_margin), label=self.policy)
         if self.on_batch:
             self.on_batch()
         for spec, r in zip(specs, results):
@@ -217,13 +220,17 @@ class Search:
         if not self.pending:
             self.live_pool[:] = self.pool()
 
+    @property
+    def case_margin(self) -> float:
+        """The margin a new signature needs to become a regression case: under a policy declared
+        safe none (any non-finite value there is a regression), under an unsafe one the margin
+        past the limit that other kernels will reproduce (fuzz.robustness); below it a failure
+        is marginal, a near miss to edit further, or Hypothesis would shrink toward the edge of
+        the limit."""
+        return 0.0 if get_policy(self.policy).expected_safe else self.session.min_margin
+
     def counts_as_finding(self, r: Screened) -> bool:
-        """A new signature fails the property when a regression case could come of it: under
-        a policy declared safe always (any non-finite value there is a regression), under an
-        unsafe one only at a margin past the limit that other kernels will reproduce
-        (fuzz.robustness): otherwise Hypothesis would shrink toward the edge of the limit."""
-        return get_policy(self.policy).expected_safe or \
-            passes_margin(r.verdict, self.session.min_margin)
+        return passes_margin(r.verdict, self.case_margin)
 
     def runnable_specs(self, texts: list[str]) -> list[PromptSpec]:
         """Over-long prompts and (without BOS) the empty prompt cannot run: leave them out."""

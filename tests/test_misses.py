@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import math
 
-from fuzz.misses import MissPool, closed_sites, family, open_headroom
-from fuzz.verdict import Verdict
+import pytest
+
+from fuzz.misses import MissPool, closed_sites, distance, family, open_headroom
+from fuzz.robustness import MIN_MARGIN
+from fuzz.verdict import NonFinite, Verdict
 
 LIMIT = 65504.0
 LAYERS = 4
@@ -18,6 +21,17 @@ def verdict(prompt: str, values: dict[tuple[str, str], float], finite: bool = Tr
     return Verdict(prompt=prompt, prompt_ids=[1, 2], add_bos=False, policy="float16",
                    finite=finite, first_nonfinite=None, max_abs=table, content_max_abs=table,
                    limits={f"{layer}/{site}": LIMIT for layer, site in values})
+
+
+def failure(prompt: str, layer: int, site: str, margin: float, position: int = 3,
+            add_bos: bool = False) -> Verdict:
+    """A float16 run that first overflowed at (layer, site), `margin` x the limit unrounded."""
+    table = {str(layer): {site: math.inf}}
+    first = NonFinite(step=0, layer=layer, site=site, position=position, token_id=7,
+                      kind="inf", unrounded=margin * LIMIT)
+    return Verdict(prompt=prompt, prompt_ids=[1, 2, 3, 4], add_bos=add_bos, policy="float16",
+                   finite=False, first_nonfinite=first, max_abs=table, content_max_abs=table,
+                   limits={f"{layer}/{site}": LIMIT})
 
 
 def test_the_content_signatures_of_this_policy_and_bos_mode_close_their_sites():
@@ -86,3 +100,26 @@ def test_one_family_holds_one_slot_and_its_closest_member_keeps_it():
     for v in (run(200, 60000.0), run(224, 61000.0), run(210, 50000.0)):
         wider.offer(v)
     assert wider.prompts() == ["[" * 224 + "\n", "[" * 200 + "\n"]
+
+
+def test_a_marginal_finding_at_an_open_site_is_as_far_as_its_margin_is_short():
+    marginal = failure("1e308", 2, "residual_mlp", 1.011)
+    assert distance(marginal, frozenset()) == pytest.approx(MIN_MARGIN / 1.011)
+    assert distance(marginal, frozenset(), min_margin=1.05) == pytest.approx(1.05 / 1.011)
+    assert math.isinf(distance(marginal, frozenset({("2", "residual_mlp")})))  # known site
+    assert math.isinf(distance(failure("1e308", 2, "residual_mlp", 1.03), frozenset()))  # a case
+    at_bos = failure("", 2, "residual_mlp", 1.011, position=0, add_bos=True)
+    assert math.isinf(distance(at_bos, frozenset()))  # says nothing about content positions
+    finite = verdict("hello", {("2", "residual_mlp"): 60000.0})
+    assert distance(finite, frozenset()) == open_headroom(finite, frozenset())
+
+
+def test_the_pool_edits_a_marginal_finding_until_its_site_closes():
+    pool = MissPool(keep=3)
+    pool.offer(verdict("far", {("2", "residual_mlp"): 30000.0}))
+    pool.offer(failure("just past", 3, "residual_attn", 1.015))  # 1.005 short of 1.02
+    pool.offer(verdict("near", {("2", "residual_mlp"): 64000.0}))  # headroom 1.0235
+    pool.offer(failure("a case", 3, "residual_attn", 1.03))  # a finding, not a miss
+    assert pool.prompts() == ["just past", "near", "far"]
+    pool.close(frozenset({("3", "residual_attn")}))  # its signature became known
+    assert pool.prompts() == ["near", "far"]

@@ -15,6 +15,7 @@ from hypothesis.database import InMemoryExampleDatabase
 from fuzz.engine.planted import digit_run_model
 from fuzz.engine.synthetic import plant_overflow, random_state, synthetic_model, tiny_config
 from fuzz.engine.tokenizer_build import tiny_tokenizer
+from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec
 from fuzz.misses import MissPool, open_headroom
 from fuzz.precision import parse_policies
@@ -70,6 +71,19 @@ def test_scores_climb_headroom_and_ignore_known_signatures(bos_planted):
     # a known signature scores nothing: its NaN content must not pull the search to it
     assert steering_score([finite, known]) == pytest.approx(expected)
     assert steering_score([known]) == -TARGET_CAP
+
+
+def test_a_new_signature_short_of_the_case_margin_scores_as_a_near_miss():
+    """Steering reaches the limit in small steps: a crossing 1.01x past it is a near miss to
+    push further (fuzz.misses.distance), not the top score; under a policy declared safe
+    (case margin 0) any new signature is a finding."""
+    session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2))
+    failing = screened(session, "a 7", False, set())  # a content position: "7" at layer 2
+    assert failing.new and failing.verdict.margin is not None
+    above = failing.verdict.margin * 1.01  # a case margin this crossing falls short of
+    assert steering_score([failing], case_margin=above) == pytest.approx(-math.log2(1.01))
+    assert steering_score([failing], case_margin=failing.verdict.margin) == TARGET_CAP
+    assert steering_score([failing], case_margin=0.0) == TARGET_CAP
 
 
 def test_scores_look_past_the_sites_of_known_signatures(bos_planted):
