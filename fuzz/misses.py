@@ -25,9 +25,10 @@ four families (one `[` run); random draws 5 and 4 (its draws change with the cod
 A marginal finding is a near miss too: a failure at an open site whose margin falls short of the
 one a regression case needs (fuzz.robustness) is `min_margin / margin` away from a case. Steering
 climbs toward the limit in small steps, so its first crossings are barely past it: on Gemma 3
-270M without BOS (benchmarks/bench_search_real.py, 2 seeds, edits of near misses logged) 4 of the
-mutants' 6 new signatures crossed at 1.002-1.012 and were given up as marginal, while fresh
-draws crossed at 1.022-1.125. Kept in the pool, such a failure is edited further past the limit.
+270M without BOS (benchmarks/bench_search_real.py, seeds 3 and 4, each prompt's arm logged) the
+edits of near misses first crossed it for 6 new signatures, every one at 1.002-1.017 (marginal,
+given up), fresh draws for 6, 5 of them at 1.022-1.125. Kept in the pool, such a failure is
+edited further past the limit.
 
 The report's nearest misses (fuzz.report.PolicySummary) stay ranked by headroom anywhere: what a
 user shipping float16 needs to know. Before any signature of the mode is known the two rankings
