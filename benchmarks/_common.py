@@ -41,6 +41,8 @@ def print_header(title: str) -> None:
           f"python {platform.python_version()}, torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"# cpu flags (the ones that pick matmul kernels): {cpu_flags() or 'n/a'}")
+    if torch.cuda.is_available():
+        print(f"# gpus: {', '.join(gpu_names())} (CUDA {torch.version.cuda})")
     print(f"# load average before the run (1/5/15 min): {load_average()}"
           + ("   <- other processes were running: timings are skewed"
              if _busy() else ""))
@@ -52,6 +54,10 @@ def _busy() -> bool:
         return os.getloadavg()[0] > 0.5
     except OSError:
         return False
+
+
+def gpu_names() -> list[str]:
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
 def _cpu_name() -> str:
