@@ -14,3 +14,14 @@ def real_gguf():
     from fuzz.engine.weights import load_gguf
 
     return load_gguf(package.assemble())
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_trials(monkeypatch):
+    """Each test starts with "auto"'s screening-kernel trial undecided. The trial is kept per
+    process (fuzz.session._kernel_trials), so without this a test's kernels depended on which
+    tests its xdist worker ran before it (CI, 2026-12-05: an in-process CLI test settled the
+    trial on fp32-accumulate-wide and a test expecting the trial's native batches failed)."""
+    from fuzz import session as session_module
+
+    monkeypatch.setattr(session_module, "_kernel_trials", {})

@@ -118,7 +118,6 @@ def test_auto_screens_natively_during_its_trial_then_with_its_choice(monkeypatch
     """While the trial runs, every batch runs under both kernels and native's verdicts are
     returned; once decided, batches run under the choice alone."""
     model = digit_run_model(RUN)
-    monkeypatch.setattr(session_module, "_kernel_trials", {})
     auto = Session(model, bounds=Bounds(max_new_tokens=2), screen_kernel="auto")
     native = Session(model, bounds=auto.bounds, screen_kernel="native")
     calls: list[str] = []
