@@ -224,7 +224,7 @@ class FuzzHarness:
         # Under an unsafe policy a failure below the margin a case needs is marginal: it would
         # not reproduce on every machine, so it is not a new bug to shrink (fuzz.robustness).
         # Steer as `fuzz run` does: toward content headroom, never toward known signatures.
-        case_margin = 0.0 if safe else self.session.min_margin
+        case_margin = self.session.case_margin(policy)
         target(steering_score([screened], case_margin=case_margin))
         if screened.new and passes_margin(screened.verdict, case_margin):
             raise error_for(screened.signature)(screened, spec)

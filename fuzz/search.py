@@ -42,7 +42,6 @@ from hypothesis.reporting import with_reporter
 from .corpus import Signature
 from .generate import Bounds, PromptSpec
 from .misses import MissPool, Site, closed_sites, distance
-from .precision import get_policy
 from .report import ModeCounts, PolicySummary
 from .robustness import MIN_MARGIN, describe_where, passes_margin
 from .session import Screened, Session
@@ -222,12 +221,8 @@ class Search:
 
     @property
     def case_margin(self) -> float:
-        """The margin a new signature needs to become a regression case: under a policy declared
-        safe none (any non-finite value there is a regression), under an unsafe one the margin
-        past the limit that other kernels will reproduce (fuzz.robustness); below it a failure
-        is marginal, a near miss to edit further, or Hypothesis would shrink toward the edge of
-        the limit."""
-        return 0.0 if get_policy(self.policy).expected_safe else self.session.min_margin
+        """This mode's Session.case_margin."""
+        return self.session.case_margin(self.policy)
 
     def counts_as_finding(self, r: Screened) -> bool:
         return passes_margin(r.verdict, self.case_margin)

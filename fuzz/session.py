@@ -168,6 +168,14 @@ class Session:
         return dataclasses.replace(self.bounds,
                                    max_new_tokens=min(self.bounds.max_new_tokens, step + 1))
 
+    def case_margin(self, policy: str) -> float:
+        """The margin a new signature under `policy` needs to become a regression case: none
+        under a policy declared safe (any non-finite value there is a regression), `min_margin`
+        under an unsafe one (past the limit by what other kernels will reproduce:
+        fuzz.robustness). Below it a failure is marginal: a near miss to edit further, never a
+        finding to shrink, or Hypothesis would shrink toward the edge of the limit."""
+        return 0.0 if get_policy(policy).expected_safe else self.min_margin
+
     def screening_kernel(self, policy: str | PrecisionPolicy) -> str:
         """The matmul kernel `screen` runs `policy` with ("auto" while its trial is under way).
         Only the built-in engine on the CPU has a choice (upstream computes its own matmuls;

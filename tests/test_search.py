@@ -84,6 +84,8 @@ def test_a_new_signature_short_of_the_case_margin_scores_as_a_near_miss():
     assert steering_score([failing], case_margin=above) == pytest.approx(-math.log2(1.01))
     assert steering_score([failing], case_margin=failing.verdict.margin) == TARGET_CAP
     assert steering_score([failing], case_margin=0.0) == TARGET_CAP
+    assert session.case_margin("float16") == session.min_margin  # unsafe: past the margin
+    assert session.case_margin("float32") == session.case_margin("float16-clamp") == 0.0
 
 
 def test_scores_look_past_the_sites_of_known_signatures(bos_planted):
