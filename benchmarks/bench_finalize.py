@@ -1,13 +1,15 @@
 """What a finding costs between its discovery and its regression case: minimizing and measuring.
 
 Four findings of a fuzz run on the real Gemma 3 270M (FINDINGS: float16, BOS off, the prompts as
-the search met them, before any minimizing), each taken to its case by fuzz.robustness's finalize
+the search met them, before any minimizing), each taken to its case by fuzz.shrink.robustness's
+finalize
 in three ways, side by side in one run:
-  every deletion   the kernel variations (fuzz.robustness.check_robustness: alone and batched,
+  every deletion   the kernel variations (fuzz.shrink.robustness.check_robustness: alone and
+  batched,
                    1 and 2 threads, native and float32-accumulated products) checked on every
                    deletion the minimizer accepts, candidate batches native: finalize before
                    2026-12-06;
-  once             fuzz.robustness.finalize: deletions keep the signature and the margin, the
+  once             fuzz.shrink.robustness.finalize: deletions keep the signature and the margin, the
                    variations are checked on the minimized prompt (bisecting back to the last
                    accepted prompt that holds when it does not), candidate batches native;
   once, screening  the same, candidate batches under fp32-accumulate-wide, the screening kernel
@@ -25,12 +27,12 @@ import time
 
 from _common import print_header, print_table
 
-import fuzz.robustness
+import fuzz.shrink.robustness
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.minimize import minimize_text
-from fuzz.robustness import assess, finalize, passes_margin
 from fuzz.session import Session
+from fuzz.shrink.minimize import minimize_text
+from fuzz.shrink.robustness import assess, finalize, passes_margin
 
 POLICY = "float16"
 # Met by bench_search_real.py's random searcher (seed 1, 2026-12-05; the second while Hypothesis
@@ -56,7 +58,7 @@ def finalize_every_deletion(session: Session, spec: PromptSpec, sig, step: int):
     capped = session.capped(step)
 
     def holds(candidate: PromptSpec, alone) -> bool:
-        return passes_margin(alone, session.min_margin) and fuzz.robustness.check_robustness(
+        return passes_margin(alone, session.min_margin) and fuzz.shrink.robustness.check_robustness(
             session, candidate, POLICY, sig, capped).robust
 
     start = session.run([spec], POLICY, capped)[0]
@@ -67,7 +69,7 @@ def finalize_every_deletion(session: Session, spec: PromptSpec, sig, step: int):
 
 def measure(session: Session, way: str, spec: PromptSpec) -> list:
     calls = []
-    real = fuzz.robustness.check_robustness
+    real = fuzz.shrink.robustness.check_robustness
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -76,7 +78,7 @@ def measure(session: Session, way: str, spec: PromptSpec) -> list:
     session.screen_kernel = "fp32-accumulate-wide" if way == "once, screening" else "native"
     found = session.run([spec], POLICY)[0]
     sig, step = session.signature(found), found.first_nonfinite.step
-    fuzz.robustness.check_robustness = counted
+    fuzz.shrink.robustness.check_robustness = counted
     try:
         start = time.perf_counter()
         if way == "every deletion":
@@ -85,7 +87,7 @@ def measure(session: Session, way: str, spec: PromptSpec) -> list:
             assessment = finalize(session, spec, POLICY, sig, step)
         seconds = time.perf_counter() - start
     finally:
-        fuzz.robustness.check_robustness = real
+        fuzz.shrink.robustness.check_robustness = real
     first = found.first_nonfinite
     return [f"L{first.layer} {first.site}, {len(spec.text)} chars", way, f"{seconds:.1f}",
             len(calls), len(assessment.spec.text),

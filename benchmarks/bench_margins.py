@@ -1,10 +1,13 @@
 """How far past the float16 limit do raw findings go, and which of them flip between kernels?
 
-The measurement behind fuzz.robustness.MIN_MARGIN. On the real Gemma 3 270M, float16 without BOS
+The measurement behind fuzz.shrink.robustness.MIN_MARGIN. On the real Gemma 3 270M, float16 without
+BOS
 (the mode where findings depend on the prompt), it screens prompts drawn from the default strategy
-plus random edits of the nearest misses (fuzz.search.mutate), and for every prompt that overflows
+plus random edits of the nearest misses (fuzz.search.round.mutate), and for every prompt that
+overflows
 alone (a raw finding) it records the margin (the unrounded sum at the first non-finite residual
-add over 65504, fuzz.probe) and runs every kernel variation of fuzz.robustness (alone / inside a
+add over 65504, fuzz.probe) and runs every kernel variation of fuzz.shrink.robustness (alone /
+inside a
 mixed batch, 1 / all threads). It then minimizes some findings WITHOUT any margin constraint, as
 the suite did before, to show where minimizing walks.
 
@@ -22,9 +25,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.minimize import minimize_text
-from fuzz.robustness import MIN_MARGIN, check_robustness
 from fuzz.session import ModelOptions, Session
+from fuzz.shrink.minimize import minimize_text
+from fuzz.shrink.robustness import MIN_MARGIN, check_robustness
 from fuzz.strategies import prompts
 
 POLICY = "float16"
@@ -130,7 +133,7 @@ def main() -> None:
         minimized.append([repr(r.verdict.prompt[:40]), r.verdict.margin, repr(small.text[:40]),
                           after])
     if minimized:
-        print("# minimizing without a margin constraint (the suite before fuzz.robustness):")
+        print("# minimizing without a margin constraint (the suite before fuzz.shrink.robustness):")
         print_table(["raw prompt", "margin", "minimized", "margin after"], minimized)
 
 

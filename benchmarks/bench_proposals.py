@@ -1,14 +1,14 @@
-"""Do gradient-guided swaps (fuzz.proposals) bring real near misses closer to overflow than
+"""Do gradient-guided swaps (fuzz.search.proposals) bring real near misses closer to overflow than
 random swaps?
 
 On the real Gemma 3 270M, float16 without BOS: draws prompts from the default strategy (Hypothesis,
 fixed seed), screens them, re-runs the NEAR finite ones with the lowest content headroom alone
 (the canonical verdict), and for each near miss screens
-  gradient     k HotFlip swaps as fuzz.proposals.propose gives them (one forward + backward;
+  gradient     k HotFlip swaps as fuzz.search.proposals.propose gives them (one forward + backward;
                spread: each position's best swap first, then each one's second best, ...);
   gradient/top the k best scores overall (spread=False: they pile onto one position);
   random       k random single-token swaps of the same kind (text pieces, exact
-               re-tokenization: fuzz.proposals.random_swaps), the baseline.
+               re-tokenization: fuzz.search.proposals.random_swaps), the baseline.
 Figures per near miss: the best (lowest) content headroom of each arm's k prompts (0 when one
 overflowed), how many overflowed; then how often each arm's best lowered the headroom, the
 median change, how many near misses got an overflow, how many swaps overflowed, and the
@@ -36,7 +36,7 @@ from _common import print_header, print_table
 from bench_margins import draw
 
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.proposals import random_swaps, rank_swaps
+from fuzz.search.proposals import random_swaps, rank_swaps
 from fuzz.session import ModelOptions, Session
 from fuzz.verdict import Verdict
 

@@ -1,6 +1,6 @@
 """Search effectiveness on planted float16 overflows whose minimal trigger is known.
 
-Models: fuzz.engine.planted's digit-run family: a tiny synthetic Gemma 3 that overflows in
+Models: fuzz.engine.synthetic.planted's digit-run family: a tiny synthetic Gemma 3 that overflows in
 float16 (BOS on) exactly on a run of >= RUN consecutive digit tokens, finite in bfloat16/float32;
 its minimal triggers are the prompts of exactly RUN digits. Random prompts rarely hold long runs,
 while max |x| grows with every digit in the window (headroom is a gradient).
@@ -9,14 +9,14 @@ For each RUN and each of SEEDS seeds, each searcher starts cold (empty corpus, a
 database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 40-example rounds
 (`fuzz run`'s defaults) until its first finding or its budget, drawing what `fuzz run` draws
 (fuzz.strategies.prompts with the model's vocabulary):
-  random    Hypothesis generation only: fuzz.search.Search with `target()` disabled and fresh
+  random    Hypothesis generation only: fuzz.search.round.Search with `target()` disabled and fresh
             draws only (no observations, so Hypothesis's target phase has nothing to climb);
   targeted  target() on -log2(content headroom), fresh draws only;
   default   `fuzz run`'s search: targeted, and each round draws half its prompts as 1-3 stacked
-            edits of the nearest misses so far (fuzz.search.round_strategy,
-            fuzz.strategies.mutants), the pool read live (fuzz.search.Search.live_pool);
+            edits of the nearest misses so far (fuzz.search.round.round_strategy,
+            fuzz.strategies.mutants), the pool read live (fuzz.search.round.Search.live_pool);
   gradient  default plus a third arm: gradient-guided single-token swaps of the two best new
-            nearest misses per round (fuzz.proposals.Proposer), screened as they are.
+            nearest misses per round (fuzz.search.proposals.Proposer), screened as they are.
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
 batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
 and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
@@ -26,7 +26,7 @@ Bounds: 1 new token by default (the planted overflow fires in the prefill, so de
 time and change no finding); --max-new-tokens 16 gives fuzz run's bounds. The shrink is capped
 (--shrink-batches) only to bound this benchmark's time; 0 lets it run to the end as fuzz run does.
 Only BOS on is searched: without BOS the family's minimal trigger is one digit (see
-fuzz.engine.planted), which any searcher finds at once; `fuzz run` alternates both modes.
+fuzz.engine.synthetic.planted), which any searcher finds at once; `fuzz run` alternates both modes.
 """
 from __future__ import annotations
 
@@ -46,19 +46,19 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.reporting import with_reporter
 
-import fuzz.search
-from fuzz.engine.planted import (
+import fuzz.search.round
+from fuzz.engine.synthetic.planted import (
     digit_run_model,
     is_minimal_trigger,
     longest_digit_run,
     minimal_trigger,
 )
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.proposals import Proposer
-from fuzz.report import PolicySummary
-from fuzz.robustness import finalize
-from fuzz.search import BudgetExhausted, NewSignature, RoundOver, Search, round_strategy
+from fuzz.search.accounting import PolicySummary
+from fuzz.search.proposals import Proposer
+from fuzz.search.round import BudgetExhausted, NewSignature, RoundOver, Search, round_strategy
 from fuzz.session import Session
+from fuzz.shrink.robustness import finalize
 from fuzz.strategies import prompts
 
 POLICY = "float16"
@@ -101,7 +101,7 @@ class Tracker:
 
 
 class _TrackedSearch(Search):
-    """fuzz.search.Search plus: a prompt budget (so that counts do not depend on the machine's
+    """fuzz.search.round.Search plus: a prompt budget (so that counts do not depend on the machine's
     speed), the counters at the first failing batch (before any shrinking), and an optional cap
     on the batches Hypothesis may screen while shrinking (past it, every candidate passes
     unscreened, so Hypothesis ends with the smallest failure it has seen)."""
@@ -124,14 +124,14 @@ class _TrackedSearch(Search):
 
 @contextlib.contextmanager
 def targeting(enabled: bool) -> Iterator[None]:
-    """Disables fuzz.search's `target()` calls for the random searcher (no file is edited)."""
-    original = fuzz.search.target
+    """Disables fuzz.search.round's `target()` calls for the random searcher (no file is edited)."""
+    original = fuzz.search.round.target
     if not enabled:
-        fuzz.search.target = lambda *args, **kwargs: None
+        fuzz.search.round.target = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        fuzz.search.target = original
+        fuzz.search.round.target = original
 
 
 def round_prompts(searcher: str, fresh: st.SearchStrategy[str], search: Search,

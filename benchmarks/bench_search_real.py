@@ -9,8 +9,8 @@ from an empty corpus and a cold example database, for the same budget and seed:
             stacked edits of the nearest misses);
   gradient  default plus gradient-guided swaps of the nearest misses (`fuzz run --gradient`).
 Figures: prompts screened, the job's wall time against its budget (the tail, limit 60 s:
-fuzz.schedule), distinct signatures saved as regression cases (kernel-robust: they hold under
-every kernel variation at the margin a case needs, fuzz.robustness), marginal signatures (not
+fuzz.search.schedule), distinct signatures saved as regression cases (kernel-robust: they hold under
+every kernel variation at the margin a case needs, fuzz.shrink.robustness), marginal signatures (not
 saved), findings the budget's tail left unmeasured (not saved), and the best content headroom.
 The searchers run one after another, so a busy machine skews their prompt counts: the header
 prints the load average, and --budget-prompts gives every searcher the same number of prompts
@@ -30,7 +30,7 @@ from pathlib import Path
 from _common import print_header, print_table
 
 import fuzz.run
-import fuzz.search
+import fuzz.search.round
 from fuzz.corpus import Corpus
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds
@@ -44,14 +44,14 @@ SEARCHERS = ("random", "default", "gradient")
 @contextlib.contextmanager
 def unsteered(enabled: bool) -> Iterator[None]:
     """random: no target() and no nearest-miss edits (fresh draws only); no file is edited."""
-    target, strategy = fuzz.search.target, fuzz.run.round_strategy
+    target, strategy = fuzz.search.round.target, fuzz.run.round_strategy
     if enabled:
-        fuzz.search.target = lambda *args, **kwargs: None
+        fuzz.search.round.target = lambda *args, **kwargs: None
         fuzz.run.round_strategy = lambda fresh, pool, proposed=(): fresh
     try:
         yield
     finally:
-        fuzz.search.target, fuzz.run.round_strategy = target, strategy
+        fuzz.search.round.target, fuzz.run.round_strategy = target, strategy
 
 
 class _PromptBudget(FuzzJob):

@@ -37,7 +37,7 @@ from fuzz.corpus import Signature
 from fuzz.engine.config import AttentionType, GemmaConfig
 from fuzz.engine.interface import Batch, prompt_batch
 from fuzz.engine.kernels import KERNELS, kernel
-from fuzz.engine.upstream import upstream_available
+from fuzz.engine.upstream.engine import upstream_available
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, encode_prompt
 from fuzz.precision import get_policy

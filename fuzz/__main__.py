@@ -1,6 +1,6 @@
 """`python -m fuzz`: see fuzz.cli."""
 import sys
 
-from .cli import main
+from fuzz.cli import main
 
 sys.exit(main())

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .corpus import Corpus
-from .engine.loaded import ENGINES
-from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds, PromptSpec
-from .precision import POLICIES
-from .session import ModelOptions, Session
-from .verdict import json_safe
+from fuzz.corpus import Corpus
+from fuzz.engine.loaded import ENGINES
+from fuzz.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds, PromptSpec
+from fuzz.precision import POLICIES
+from fuzz.session import ModelOptions, Session
+from fuzz.verdict import json_safe
 
 DEFAULT_CORPUS = "corpus"
 DEFAULT_MODEL = "gemma3-270m"
@@ -78,7 +78,7 @@ def _prompt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _margin_arg(p: argparse.ArgumentParser) -> None:
-    from .robustness import MIN_MARGIN
+    from fuzz.shrink.robustness import MIN_MARGIN
 
     p.add_argument("--min-margin", type=float, default=MIN_MARGIN,
                    help=f"the least unrounded-sum / limit ratio a finding needs to become a "
@@ -86,7 +86,7 @@ def _margin_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, model: Optional[str] = None) -> ModelOptions:
-    from .engine.transformers_engine import engine_kind
+    from fuzz.engine.transformers.engine import engine_kind
 
     kind = engine_kind(args.engine, getattr(args, "attention", None))
     return ModelOptions(model or args.model or DEFAULT_MODEL, args.variant, args.config,
@@ -121,9 +121,9 @@ def _decode(data: bytes, where: str) -> str:
 
 # --- check -------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    from .margin import measure
-    from .precision import get_policy
-    from .report.table import format_verdict
+    from fuzz.margin import measure
+    from fuzz.precision import get_policy
+    from fuzz.report.table import format_verdict
 
     session = Session.open(_options(args), _bounds(args))
     spec = PromptSpec(read_prompt(args), add_bos=not args.no_bos, chat=args.chat)
@@ -139,9 +139,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(format_verdict(verdict, margin))
     if args.plot:
-        from .positions import session_position_map
-        from .report import plot_verdict
-        from .report.heatmap import heatmap_path, write_heatmap
+        from fuzz.positions import session_position_map
+        from fuzz.report import plot_verdict
+        from fuzz.report.heatmap import heatmap_path, write_heatmap
 
         plot_verdict(verdict, args.plot)
         # the layers x positions heat map: one more run of the prompt, with per-position maxima
@@ -153,7 +153,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --- add ---------------------------------------------------------------------------------------
 def cmd_add(args: argparse.Namespace) -> int:
-    from .robustness import assess
+    from fuzz.shrink.robustness import assess
 
     if args.from_case:
         old = read_old_case(Path(args.from_case))
@@ -209,7 +209,7 @@ def read_old_case(path: Path) -> dict[str, Any]:
 
 # --- replay ------------------------------------------------------------------------------------
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_main
+    from fuzz.compare import compare_main
 
     given = args.prompt is not None or args.prompt_file is not None
     prompt = (PromptSpec(read_prompt(args), add_bos=not args.no_bos, chat=args.chat)
@@ -221,7 +221,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay_corpus
+    from fuzz.corpus.replay import replay_corpus
 
     model = ModelOptions(variant=args.variant, config=args.config, tokenizer=args.tokenizer)
     rows = replay_corpus(Corpus(Path(args.corpus)), model_filter=args.model,
@@ -246,7 +246,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # --- run ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import FuzzJob
+    from fuzz.run import FuzzJob
 
     job = FuzzJob.from_args(args, _options(args), _bounds(args))
     return job.main()
@@ -254,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- advise ------------------------------------------------------------------------------------
 def cmd_advise(args: argparse.Namespace) -> int:
-    from .advise_report import main as advise_main
+    from fuzz.advise.report import main as advise_main
 
     return advise_main(args, _options(args), _bounds(args))
 
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _margin_arg(p)
     p.add_argument("--gradient", action=argparse.BooleanOptionalAction, default=False,
                    help="add gradient-guided token swaps of the nearest misses to each round "
-                        "(fuzz.proposals; built-in engine only)")
+                        "(fuzz.search.proposals; built-in engine only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--long", action="store_true",
                    help="long generations: prompts of 513-1024 tokens (past Gemma 3's sliding "

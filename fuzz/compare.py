@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .corpus import Corpus
-from .engine.loaded import ENGINES
-from .generate import Bounds, PromptSpec
-from .precision import get_policy
-from .report.describe import prompt_literal
-from .session import ModelOptions, Session
-from .verdict import Verdict
+from fuzz.corpus import Corpus
+from fuzz.engine.loaded import ENGINES
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.precision import get_policy
+from fuzz.report.describe import prompt_literal
+from fuzz.session import ModelOptions, Session
+from fuzz.verdict import Verdict
 
 
 @dataclass(frozen=True)

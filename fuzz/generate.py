@@ -22,8 +22,8 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 
-from .engine.interface import RESIDUAL_SITES, Batch, Recorder
-from .probe import (
+from fuzz.engine.interface import RESIDUAL_SITES, Batch, Recorder
+from fuzz.probe import (
     CaptureResidual,
     Probe,
     RowState,
@@ -32,7 +32,7 @@ from .probe import (
     StepView,
     update_rows,
 )
-from .verdict import Verdict
+from fuzz.verdict import Verdict
 
 DEFAULT_MAX_NEW_TOKENS = 16  # gemma_pytorch#10 went NaN after ~13 decode steps
 DEFAULT_MAX_PROMPT_TOKENS = 96  # covers llama.cpp's 64-token kernel switch with room to spare

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds
-from .strategies.long import LONG_MAX_PROMPT_TOKENS, SLIDING_WINDOW, long_prompts
+from fuzz.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds
+from fuzz.strategies.long import LONG_MAX_PROMPT_TOKENS, SLIDING_WINDOW, long_prompts
 
 LONG_MAX_NEW_TOKENS = 128
 # Per generate() call. Measured on Gemma 3 270M, 2 shared CPU cores (README, "Long

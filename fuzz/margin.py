@@ -7,7 +7,8 @@ Two magnitudes at the first non-finite value (its site, decode step and position
 - `float32`: the same site, step and position in a float32 run fed the same tokens (the prompt
   and the tokens the failing run generated before that step): the magnitude free of float16's
   rounding, the same on every machine up to float32 noise.
-fuzz.robustness keeps a finding as a regression case only when the unrounded margin is at least
+fuzz.shrink.robustness keeps a finding as a regression case only when the unrounded margin is at
+least
 MIN_MARGIN under every kernel variation.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from .engine.interface import prompt_batch
-from .verdict import Verdict
+from fuzz.engine.interface import prompt_batch
+from fuzz.verdict import Verdict
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 import torch
 
-from .generate import Bounds, Engine, PromptSpec, TokenizerLike, generate
-from .probe import abs_max
-from .verdict import Verdict, from_json_safe, json_safe
+from fuzz.generate import Bounds, Engine, PromptSpec, TokenizerLike, generate
+from fuzz.probe import abs_max
+from fuzz.verdict import Verdict, from_json_safe, json_safe
 
 
 @dataclass
@@ -154,7 +154,7 @@ def session_position_map(session: Any, spec: PromptSpec, verdict: Verdict,
                          bounds: Optional[Bounds] = None) -> PositionMap:
     """position_map on a fuzz.session.Session's engine for the verdict's policy (its lock held:
     one forward at a time)."""
-    from .precision import get_policy
+    from fuzz.precision import get_policy
 
     with session._lock:
         return position_map(session.engine(get_policy(verdict.policy)), session.model.tokenizer,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine.interface import FAITHFUL, Numerics
+from fuzz.engine.interface import FAITHFUL, Numerics
 
 FLOAT16_CLAMP = torch.finfo(torch.float16).max - 1000
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .verdict import NonFinite, layer_label
+from fuzz.verdict import NonFinite, layer_label
 
 
 class Probe:

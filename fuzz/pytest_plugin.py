@@ -5,7 +5,7 @@ Registered through the `pytest11` entry point (and the root conftest.py of this 
 - One model load per process (per xdist worker), lazily, on first use; every policy's model is
   cast from the same float32 master copy (fuzz.engine.loaded.LoadedModel.engine).
 - `gemma_policy` is parametrised over `--gemma-policies`; `gemma_bos` over the BOS modes.
-- A fuzz test fails with `fuzz.search.NewSignature` (an AssertionError). When Hypothesis has
+- A fuzz test fails with `fuzz.search.round.NewSignature` (an AssertionError). When Hypothesis has
   finished shrinking, the exception it finally raises comes from the minimal example: this plugin
   saves exactly that one (never an intermediate) into the corpus, deduplicated by signature under
   a file lock, so two xdist workers finding the same bug write one case.
@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Optional
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from .corpus import Corpus
-from .engine.loaded import ENGINES
-from .precision import POLICIES, get_policy, parse_policies
+from fuzz.corpus import Corpus
+from fuzz.engine.loaded import ENGINES
+from fuzz.precision import POLICIES, get_policy, parse_policies
 
 if TYPE_CHECKING:
-    from .generate import Bounds
-    from .session import ModelOptions
+    from fuzz.generate import Bounds
+    from fuzz.session import ModelOptions
 
 OPT_MODEL = "--gemma-model"
 OPT_POLICIES = "--gemma-policies"
@@ -163,7 +163,7 @@ def worker_device(device: str) -> str:
 def model_options(config: pytest.Config) -> ModelOptions:
     """The model under test as the options name it (the CLI's --model/--variant/--config/
     --tokenizer/--engine/--device)."""
-    from .session import ModelOptions
+    from fuzz.session import ModelOptions
 
     return ModelOptions(config.getoption(OPT_MODEL), config.getoption(OPT_VARIANT),
                         config.getoption(OPT_CONFIG), config.getoption(OPT_TOKENIZER),
@@ -184,9 +184,9 @@ class FuzzHarness:
     @property
     def session(self):
         if self._session is None:
-            from .engine.zoo import ModelNotInstalled
-            from .generate import Bounds
-            from .session import Session
+            from fuzz.engine.zoo import ModelNotInstalled
+            from fuzz.generate import Bounds
+            from fuzz.session import Session
 
             options = model_options(self.config)
             bounds = Bounds(max_new_tokens=self.config.getoption(OPT_MAX_NEW_TOKENS))
@@ -211,9 +211,9 @@ class FuzzHarness:
     def check(self, text: str, policy: str, add_bos: bool = True) -> None:
         from hypothesis import reject, target
 
-        from .generate import EmptyPrompt, PromptSpec, PromptTooLong
-        from .robustness import passes_margin
-        from .search import error_for, steering_score
+        from fuzz.generate import EmptyPrompt, PromptSpec, PromptTooLong
+        from fuzz.search.round import error_for, steering_score
+        from fuzz.shrink.robustness import passes_margin
 
         spec = PromptSpec(text, add_bos=add_bos)
         safe = get_policy(policy).expected_safe
@@ -222,7 +222,7 @@ class FuzzHarness:
         except (PromptTooLong, EmptyPrompt):
             reject()  # over the token bound, or no token at all: not a prompt this run can feed
         # Under an unsafe policy a failure below the margin a case needs is marginal: it would
-        # not reproduce on every machine, so it is not a new bug to shrink (fuzz.robustness).
+        # not reproduce on every machine, so it is not a new bug to shrink (fuzz.shrink.robustness).
         # Steer as `fuzz run` does: toward content headroom, never toward known signatures.
         case_margin = self.session.case_margin(policy)
         target(steering_score([screened], case_margin=case_margin))
@@ -234,7 +234,7 @@ def plugin_long_bounds(bounds: Bounds) -> Bounds:
     """fuzz.long's bounds; this plugin's own step default (8) counts as a default too."""
     import dataclasses
 
-    from .long import LONG_MAX_NEW_TOKENS, long_bounds
+    from fuzz.long import LONG_MAX_NEW_TOKENS, long_bounds
 
     if bounds.max_new_tokens == DEFAULT_MAX_NEW_TOKENS:
         bounds = dataclasses.replace(bounds, max_new_tokens=LONG_MAX_NEW_TOKENS)
@@ -258,12 +258,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     outcome = yield
     if call.when != "call" or call.excinfo is None or item.config.getoption(OPT_NO_SAVE):
         return
-    from .search import NewSignature
+    from fuzz.search.round import NewSignature
 
     errors = list(_new_signatures(call.excinfo.value, NewSignature))
     if not errors:
         return
-    from .robustness import finalize
+    from fuzz.shrink.robustness import finalize
 
     harness = _harness(item.config)
     lines = []

@@ -1,12 +1,15 @@
 """The fuzz job (`python -m fuzz run`): search until the budget ends, save each new signature.
 
-The budget is shared by every (policy, BOS mode) as fuzz.schedule states (unsafe policies get
+The budget is shared by every (policy, BOS mode) as fuzz.search.schedule states (unsafe policies get
 more); each round is one Hypothesis run of up to `--round-examples` examples on one mode, drawing
-fresh prompts and edits of that mode's nearest misses (fuzz.search). A round ends early when it
+fresh prompts and edits of that mode's nearest misses (fuzz.search.round). A round ends early when
+it
 finds a new signature: the minimal example is minimized further, measured under every kernel
-variation (fuzz.robustness), saved to the corpus when it is a regression case, and the search goes
+variation (fuzz.shrink.robustness), saved to the corpus when it is a regression case, and the
+search goes
 on. The budget is wall time and hard: the job ends, report written, within it plus
-fuzz.schedule.TAIL_S. Ctrl-C / SIGTERM stops the search, measures and saves the shortest failing
+fuzz.search.schedule.TAIL_S. Ctrl-C / SIGTERM stops the search, measures and saves the shortest
+failing
 prompt of any signature still being shrunk, and writes the report.
 """
 from __future__ import annotations
@@ -26,23 +29,22 @@ from typing import Optional
 import torch
 
 import fuzz
-
-from .corpus import Corpus, Signature
-from .database import open_database
-from .generate import Bounds
-from .long import long_batch_size, long_bounds, long_strategy
-from .misses import MissPool
-from .positions import session_position_map
-from .precision import PrecisionPolicy, parse_policies
-from .progress import Progress, print_summary
-from .proposals import Proposer
-from .report import PolicySummary, RunSummary
-from .robustness import assess, finalize
-from .schedule import Mode, Schedule
-from .search import BudgetExhausted, NewSignature, Search, round_strategy
-from .session import ModelOptions, Session
-from .strategies import prompts
-from .verdict import Verdict
+from fuzz.corpus import Corpus, Signature
+from fuzz.generate import Bounds
+from fuzz.long import long_batch_size, long_bounds, long_strategy
+from fuzz.positions import session_position_map
+from fuzz.precision import PrecisionPolicy, parse_policies
+from fuzz.report import PolicySummary, RunSummary
+from fuzz.report.progress import Progress, print_summary
+from fuzz.search.database import open_database
+from fuzz.search.misses import MissPool
+from fuzz.search.proposals import Proposer
+from fuzz.search.round import BudgetExhausted, NewSignature, Search, round_strategy
+from fuzz.search.schedule import Mode, Schedule
+from fuzz.session import ModelOptions, Session
+from fuzz.shrink.robustness import assess, finalize
+from fuzz.strategies import prompts
+from fuzz.verdict import Verdict
 
 MARGINAL_TRIES = 2  # marginal findings of one signature before this run stops chasing it
 
@@ -54,14 +56,14 @@ class FuzzJob:
     bos_modes: list[bool]
     budget_s: float
     corpus: Corpus
-    database: Optional[str]  # a directory or redis://HOST:PORT/N (fuzz.database)
+    database: Optional[str]  # a directory or redis://HOST:PORT/N (fuzz.search.database)
     seed: int
     round_examples: int
     report: Optional[str]
     quiet: bool = False
     fail_on_new: bool = False
     long: bool = False  # the long-generation profile (fuzz.long): long prompts, 128 steps
-    gradient: bool = False  # a third arm per round: gradient-guided swaps (fuzz.proposals)
+    gradient: bool = False  # a third arm per round: gradient-guided swaps (fuzz.search.proposals)
     summaries: dict[str, PolicySummary] = field(default_factory=dict)  # per policy, in order
     known: set[Signature] = field(default_factory=set)
     marginal_tries: dict[Signature, int] = field(default_factory=dict)
@@ -136,7 +138,7 @@ class FuzzJob:
         summary = self.summary()
         print_summary(summary)
         if self.report:
-            from .report import write_report
+            from fuzz.report import write_report
 
             for path in write_report(summary, self.report):
                 print(f"report: {path}")
@@ -219,7 +221,7 @@ class FuzzJob:
             self._note_marginal(measured)  # a try, without measuring the same prompt again
             return
         # After Ctrl-C/SIGTERM the user waits for the measurement (a second signal stops it);
-        # otherwise the budget is hard (fuzz.schedule).
+        # otherwise the budget is hard (fuzz.search.schedule).
         measure_by = math.inf if how == "interrupted" else self.schedule.measure_deadline
         if how != "interrupted" and time.monotonic() >= self.schedule.minimize_deadline:
             how = "cut"  # the budget's tail has no time left to minimize: measured as found

@@ -2,7 +2,7 @@
 
 `Session.screen()` runs prompts (batched) under a policy and says, for each failing one, whether
 its signature is new; `Session.case()` turns a failing verdict into a corpus case;
-fuzz.robustness measures a finding (margin, kernel variations) and minimizes it before it is
+fuzz.shrink.robustness measures a finding (margin, kernel variations) and minimizes it before it is
 saved.
 """
 from __future__ import annotations
@@ -16,20 +16,20 @@ from typing import Optional
 
 import torch
 
-from .corpus import Case, Corpus, Signature, finder_info, signature
-from .engine.kernels import (
+from fuzz.corpus import Case, Corpus, Signature, finder_info, signature
+from fuzz.engine.kernels import (
     AUTO_CANDIDATE,
     KernelTrial,
     default_screen_kernel,
     kernel,
     screening_kernel,
 )
-from .engine.loaded import ENGINES, LoadedModel
-from .engine.zoo import load_model
-from .generate import Bounds, PromptSpec, encode_prompt, explain, generate
-from .precision import POLICIES, PrecisionPolicy, get_policy
-from .robustness import MIN_MARGIN
-from .verdict import Verdict
+from fuzz.engine.loaded import ENGINES, LoadedModel
+from fuzz.engine.zoo import load_model
+from fuzz.generate import Bounds, PromptSpec, encode_prompt, explain, generate
+from fuzz.precision import POLICIES, PrecisionPolicy, get_policy
+from fuzz.shrink.robustness import MIN_MARGIN
+from fuzz.verdict import Verdict
 
 # A verdict from a non-faithful screening kernel is re-run with the faithful one (native float16)
 # when its smallest headroom (limit / max |x| over every site, step and position) is under this:
@@ -93,7 +93,7 @@ class Session:
     bounds: Bounds = field(default_factory=Bounds)
     batch_size: int = 8
     # The least margin (unrounded sum / limit) a finding needs to become a regression case
-    # (fuzz.robustness, where the default is derived)
+    # (fuzz.shrink.robustness, where the default is derived)
     min_margin: float = MIN_MARGIN
     # The kernel that screens float16 policies (fuzz.engine.kernels.SCREEN_KERNEL_CHOICES):
     # "auto" (a trial on this model's first screens, `kernel_trial`, picks fp32-accumulate-wide
@@ -134,7 +134,8 @@ class Session:
 
     def run_on(self, specs: Sequence[PromptSpec], policy: str | PrecisionPolicy,
                bounds: Optional[Bounds], device: str, batch_size: int) -> list[Verdict]:
-        """`run` on a given device and batch size (the kernel variations, fuzz.robustness)."""
+        """`run` on a given device and batch size (the kernel variations,
+        fuzz.shrink.robustness)."""
         pol = get_policy(policy) if isinstance(policy, str) else policy
         bounds = bounds or self.bounds
         out: list[Verdict] = []
@@ -172,7 +173,8 @@ class Session:
         """The margin a new signature under `policy` needs to become a regression case: none
         under a policy declared safe (any non-finite value there is a regression), `min_margin`
         under an unsafe one (past the limit by what other kernels will reproduce:
-        fuzz.robustness). Below it a failure is marginal: a near miss to edit further, never a
+        fuzz.shrink.robustness). Below it a failure is marginal: a near miss to edit further, never
+        a
         finding to shrink, or Hypothesis would shrink toward the edge of the limit."""
         return 0.0 if get_policy(policy).expected_safe else self.min_margin
 

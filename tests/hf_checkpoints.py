@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fuzz.engine.tokenizer_build import TINY_VOCAB_SIZE, tiny_tokenizer  # noqa: E402
+from fuzz.engine.tokenizer.build import TINY_VOCAB_SIZE, tiny_tokenizer  # noqa: E402
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 SEQ_LEN_HINT = 6  # the sliding window: shorter than the test prompts, so the local mask acts

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from fuzz.advise import (
+from fuzz.advise.measure import (
     AGREEMENT_THRESHOLD,
     PolicyAdvice,
     advise,
@@ -20,7 +20,7 @@ from fuzz.advise import (
     recommend,
     step0_pair,
 )
-from fuzz.advise_report import render_png, render_text, write
+from fuzz.advise.report import render_png, render_text, write
 from fuzz.cli import main
 from fuzz.corpus import Corpus
 from fuzz.engine.zoo import load_model

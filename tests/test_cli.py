@@ -141,7 +141,8 @@ def test_add_refuses_a_finite_prompt_and_saves_a_failing_one(tmp_path, capsys):
 
 
 def test_add_refuses_a_marginal_failure(tmp_path, capsys):
-    # A digit run of 40 overflows 2.2% past 65504 (fuzz.engine.planted): under a margin of 3%
+    # A digit run of 40 overflows 2.2% past 65504 (fuzz.engine.synthetic.planted): under a margin
+    # of 3%
     # it would not be a regression case.
     corpus = str(tmp_path / "corpus")
     add = ["add", "--model", "tiny-digit-run-40", "--policy", "float16", "--prompt", "0" * 40,
@@ -238,10 +239,10 @@ def test_a_finding_past_the_measuring_deadline_is_reported_with_its_add_command(
     the summary and the report say so and give the `fuzz add` that measures and saves it."""
     import shlex
 
-    from fuzz.progress import print_summary
     from fuzz.report import write_report
-    from fuzz.schedule import MEASURE_TAIL_S, Schedule
-    from fuzz.search import NewSignature
+    from fuzz.report.progress import print_summary
+    from fuzz.search.round import NewSignature
+    from fuzz.search.schedule import MEASURE_TAIL_S, Schedule
 
     session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2))
     corpus = tmp_path / "c"
@@ -275,8 +276,8 @@ def test_a_marginal_prompt_replayed_by_the_database_is_not_measured_again(tmp_pa
     """The example database replays a failing example in the mode's next round and Hypothesis
     shrinks it to the same prompt: that counts as the signature's second try, unmeasured."""
     import fuzz.run
-    from fuzz.schedule import Schedule
-    from fuzz.search import NewSignature
+    from fuzz.search.round import NewSignature
+    from fuzz.search.schedule import Schedule
 
     measured = []
 

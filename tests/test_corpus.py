@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from fuzz.corpus import Corpus, CorpusError, LoadedCase
-from fuzz.pytest_plugin import model_options
-from fuzz.replay import (
+from fuzz.corpus.replay import (
     ReplayCheck,
     case_bounds,
     case_spec,
@@ -29,8 +28,9 @@ from fuzz.replay import (
     run_check,
     skip_reason,
 )
-from fuzz.robustness import run_variation, variations
+from fuzz.pytest_plugin import model_options
 from fuzz.session import ModelOptions
+from fuzz.shrink.robustness import run_variation, variations
 
 CORPUS = Corpus(Path(__file__).resolve().parent.parent / "corpus")
 OPT_STRICT_SITE = "--gemma-strict-site"  # registered by fuzz.pytest_plugin

@@ -1,4 +1,5 @@
-"""fuzz.database against a real redis-server: several machines sharing one example database."""
+"""fuzz.search.database against a real redis-server: several machines sharing one example
+database."""
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
-from fuzz.database import (
+from fuzz.search.database import (
     EXPIRE_AFTER,
     KEY_PREFIX,
     REDIS_INSTALL_HINT,
@@ -174,7 +175,8 @@ def test_two_machines_on_one_url_see_each_others_entries(redis_url: str) -> None
 def _machine(database: ExampleDatabase, phases: tuple[Phase, ...],
              tried: list[str]) -> Callable[[], None]:
     """One machine's Hypothesis search: prompts of digits and spaces that must not contain a 7
-    (the planted trigger's digit), under a fixed database key as fuzz.search gives each search.
+    (the planted trigger's digit), under a fixed database key as fuzz.search.round gives each
+    search.
 
     Not seeded: Hypothesis's @seed sets database=None (hypothesis/core.py, seed()), and without
     the database there would be nothing to share."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fuzz.engine.loaded import LoadedModel
-from fuzz.engine.synthetic import PLANTED_LAYER, PLANTED_TRIGGER
+from fuzz.engine.synthetic.tiny import PLANTED_LAYER, PLANTED_TRIGGER
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, PromptTooLong, explain, generate
 from fuzz.precision import POLICIES, get_policy

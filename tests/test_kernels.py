@@ -13,7 +13,7 @@ import torch
 
 from fuzz import session as session_module
 from fuzz.engine import kernels
-from fuzz.engine.planted import digit_run_model, minimal_trigger
+from fuzz.engine.synthetic.planted import digit_run_model, minimal_trigger
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, greedy_tokens
 from fuzz.probe import abs_max

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from fuzz.cli import build_parser
 from fuzz.corpus import Corpus
+from fuzz.corpus.replay import case_bounds
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds
 from fuzz.long import (
@@ -18,7 +19,6 @@ from fuzz.long import (
     long_bounds,
 )
 from fuzz.pytest_plugin import plugin_long_bounds
-from fuzz.replay import case_bounds
 from fuzz.report import run_command
 from fuzz.run import FuzzJob
 from fuzz.session import ModelOptions

@@ -13,10 +13,10 @@ from hf_checkpoints import save_tiny_hf
 
 from fuzz.cli import main as cli_main
 from fuzz.corpus import Corpus, CorpusError, load_case
-from fuzz.engine import synthetic
-from fuzz.engine.tokenizer_build import tiny_tokenizer
+from fuzz.corpus.replay import replay_corpus
+from fuzz.engine.synthetic import tiny as synthetic
+from fuzz.engine.tokenizer.build import tiny_tokenizer
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.replay import replay_corpus
 from fuzz.session import ModelOptions, Session
 
 pytest.importorskip("transformers", reason="HF checkpoints are written by transformers")

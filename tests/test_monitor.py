@@ -1,7 +1,7 @@
 """fuzz.monitor on the three kinds of model: the built-in engine, google/gemma_pytorch's model and
 a transformers Gemma, each around its own generation loop.
 
-The planted tiny model (fuzz.engine.synthetic) overflows in float16 at layer PLANTED_LAYER's
+The planted tiny model (fuzz.engine.synthetic.tiny) overflows in float16 at layer PLANTED_LAYER's
 residual_mlp on the trigger token: the monitor must name that step, layer, site, batch row,
 position and token, and agree with fuzz.generate's own probe on the same run. The real Gemma 3
 270M in transformers (from its GGUF, float16 with BOS) must raise at layer 7 residual_mlp in the
@@ -20,11 +20,11 @@ from test_upstream import upstream_gate
 
 from fuzz import monitor
 from fuzz.engine.interface import Batch, prompt_batch
-from fuzz.engine.synthetic import PLANTED_LAYER, PLANTED_TRIGGER
-from fuzz.engine.upstream import upstream_available
+from fuzz.engine.synthetic.tiny import PLANTED_LAYER, PLANTED_TRIGGER
+from fuzz.engine.upstream.engine import upstream_available
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec, generate
-from fuzz.monitor_attach import builtin_config
+from fuzz.monitor.attach import builtin_config
 from fuzz.precision import get_policy
 from fuzz.probe import SiteTable
 

@@ -16,13 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fuzz.engine import synthetic  # noqa: E402
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig  # noqa: E402
 from fuzz.engine.model import full_logits, materialize  # noqa: E402
+from fuzz.engine.synthetic import tiny as synthetic  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="parity needs transformers (test extra)")
 
-from fuzz.engine.transformers_build import HF_CLASSES, from_state, hf_config, hf_state  # noqa: E402
+from fuzz.engine.transformers.build import HF_CLASSES, from_state, hf_config, hf_state  # noqa: E402
 
 SEQ_LEN = 20
 # max |ours - theirs| / max |theirs| over all logits. Both sides run the same float32 math in a
@@ -49,7 +49,7 @@ def random_state(config: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def hf_model(config: GemmaConfig, state: dict[str, torch.Tensor]):
-    """transformers' class for the config with the same weights (fuzz.engine.transformers_build:
+    """transformers' class for the config with the same weights (fuzz.engine.transformers.build:
     the mapping the transformers engine runs), float32, eager attention."""
     return from_state(hf_config(config, "eager"), hf_state(state, config), torch.float32, "cpu",
                       "eager")

@@ -1,4 +1,5 @@
-"""The planted digit-run family (fuzz.engine.planted): the trigger is exactly a run of `run`
+"""The planted digit-run family (fuzz.engine.synthetic.planted): the trigger is exactly a run of
+`run`
 digits in float16, with BOS on; everything one short of it, and every other policy, is finite."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import pytest
 
 from fuzz.engine.loaded import LoadedModel
-from fuzz.engine.planted import (
+from fuzz.engine.synthetic.planted import (
     COUNT_CHANNEL,
     PLANTED_LAYER,
     PLANTED_MODELS,
@@ -21,11 +22,11 @@ from fuzz.engine.planted import (
     plan_digit_run,
     plant_digit_run,
 )
-from fuzz.engine.synthetic import random_state, tiny_config
+from fuzz.engine.synthetic.tiny import random_state, tiny_config
 from fuzz.generate import Bounds, PromptSpec, generate
 from fuzz.precision import POLICIES, get_policy
-from fuzz.robustness import MIN_MARGIN, finalize
 from fuzz.session import Session
+from fuzz.shrink.robustness import MIN_MARGIN, finalize
 
 FLOAT16_MAX = 65504.0
 SHORT = Bounds(max_new_tokens=3)
@@ -49,7 +50,7 @@ def test_plan_puts_the_float16_limit_between_run_minus_one_and_run(run: int) -> 
     plan = plan_digit_run(run)
     assert plan.peak(run - 1, run) < FLOAT16_MAX
     assert plan.peak(run, run) > 65520.0  # float16 rounds a sum of 65520 or more to inf
-    assert plan.margin >= MIN_MARGIN  # the trigger is a regression case (fuzz.robustness)
+    assert plan.margin >= MIN_MARGIN  # the trigger is a regression case (fuzz.shrink.robustness)
     peaks = [plan.peak(m, run) for m in range(1, run + 1)]
     assert peaks == sorted(peaks) and len(set(peaks)) == run  # strictly increasing: a gradient
     assert plan.branch(1.0) < FLOAT16_MAX  # the branch alone is finite: the ADD overflows

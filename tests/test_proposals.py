@@ -1,4 +1,5 @@
-"""Gradient-guided proposals (fuzz.proposals) on the planted digit-run model: the gradient of a
+"""Gradient-guided proposals (fuzz.search.proposals) on the planted digit-run model: the gradient
+of a
 near miss's worst site points at the trigger, and screening the proposals finds the overflow."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fuzz.engine.planted import (
+from fuzz.engine.synthetic.planted import (
     PLANTED_LAYER,
     PLANTED_SITE,
     digit_token_ids,
@@ -16,7 +17,7 @@ from fuzz.engine.planted import (
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import get_policy
-from fuzz.proposals import (
+from fuzz.search.proposals import (
     NotANearMiss,
     _candidates,
     fed_tokens,

@@ -1,4 +1,4 @@
-"""Margins, kernel variations and the robustness verdict (fuzz.margin, fuzz.robustness,
+"""Margins, kernel variations and the robustness verdict (fuzz.margin, fuzz.shrink.robustness,
 fuzz.engine.kernels) on the synthetic models."""
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fuzz import robustness
 from fuzz.engine import kernels
-from fuzz.engine.planted import (
+from fuzz.engine.synthetic.planted import (
     digit_run_model,
     is_minimal_trigger,
     longest_digit_run,
     plan_digit_run,
 )
-from fuzz.engine.synthetic import PLANTED_LAYER
+from fuzz.engine.synthetic.tiny import PLANTED_LAYER
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec
 from fuzz.margin import float32_magnitude, measure
 from fuzz.precision import get_policy
-from fuzz.robustness import (
+from fuzz.session import Session
+from fuzz.shrink import robustness
+from fuzz.shrink.robustness import (
     FILLERS,
     MIN_MARGIN,
     Outcome,
@@ -33,7 +34,6 @@ from fuzz.robustness import (
     thread_counts,
     variations,
 )
-from fuzz.session import Session
 
 SIG = ("fp", "float16", True, 2, "residual_mlp", "content")
 
@@ -107,8 +107,9 @@ def test_no_variation_starts_past_the_deadline_and_a_cut_one_is_not_robust(plant
     assert late.cut and not late.robust and late.outcomes == ()
     assert late.reason == f"cut by the budget after 0 of {len(variations())} kernel variations"
     # a deadline that passes after two variations: those two are kept, the rest never run
-    clock = iter(range(1000))  # fuzz.robustness's own clock only: the runs keep the real one
-    monkeypatch.setattr("fuzz.robustness.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    clock = iter(range(1000))  # fuzz.shrink.robustness's own clock only: the runs keep the real one
+    monkeypatch.setattr("fuzz.shrink.robustness.time",
+                        SimpleNamespace(monotonic=lambda: next(clock)))
     halfway = check_robustness(planted, spec, "float16", sig, deadline=2)
     assert halfway.cut and len(halfway.outcomes) == 2 and not halfway.robust
     assert all(o.status == "nonfinite" for o in halfway.outcomes)

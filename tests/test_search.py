@@ -1,4 +1,5 @@
-"""The search (fuzz.search), its schedule (fuzz.schedule) and its progress line (fuzz.progress),
+"""The search (fuzz.search.round), its schedule (fuzz.search.schedule) and its progress line
+(fuzz.report.progress),
 on synthetic models: scoring, saturation, budget shares, the hard budget and its tail,
 nearest-miss mutants."""
 from __future__ import annotations
@@ -12,19 +13,18 @@ from hypothesis import find, settings
 from hypothesis import strategies as st
 from hypothesis.database import InMemoryExampleDatabase
 
-from fuzz.engine.planted import digit_run_model
-from fuzz.engine.synthetic import plant_overflow, random_state, synthetic_model, tiny_config
-from fuzz.engine.tokenizer_build import tiny_tokenizer
+from fuzz.engine.synthetic.planted import digit_run_model
+from fuzz.engine.synthetic.tiny import plant_overflow, random_state, synthetic_model, tiny_config
+from fuzz.engine.tokenizer.build import tiny_tokenizer
 from fuzz.engine.zoo import load_model
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.misses import MissPool, open_headroom
 from fuzz.precision import parse_policies
-from fuzz.progress import Progress
-from fuzz.proposals import Proposer
-from fuzz.report import ModeCounts, PolicySummary
 from fuzz.report.describe import min_headroom_site
-from fuzz.schedule import MIN_ROUND_S, SHRINK_TAIL_S, TAIL_S, UNSAFE_WEIGHT, Schedule
-from fuzz.search import (
+from fuzz.report.progress import Progress
+from fuzz.search.accounting import ModeCounts, PolicySummary
+from fuzz.search.misses import MissPool, open_headroom
+from fuzz.search.proposals import Proposer
+from fuzz.search.round import (
     SATURATION_PROBE,
     TARGET_CAP,
     BudgetExhausted,
@@ -35,6 +35,7 @@ from fuzz.search import (
     seeded,
     steering_score,
 )
+from fuzz.search.schedule import MIN_ROUND_S, SHRINK_TAIL_S, TAIL_S, UNSAFE_WEIGHT, Schedule
 from fuzz.session import Screened, Session
 from fuzz.strategies import mutants, prompts
 
@@ -75,7 +76,7 @@ def test_scores_climb_headroom_and_ignore_known_signatures(bos_planted):
 
 def test_a_new_signature_short_of_the_case_margin_scores_as_a_near_miss():
     """Steering reaches the limit in small steps: a crossing 1.01x past it is a near miss to
-    push further (fuzz.misses.distance), not the top score; under a policy declared safe
+    push further (fuzz.search.misses.distance), not the top score; under a policy declared safe
     (case margin 0) any new signature is a finding."""
     session = Session(load_model("tiny-planted"), bounds=Bounds(max_new_tokens=2))
     failing = screened(session, "a 7", False, set())  # a content position: "7" at layer 2
@@ -99,7 +100,8 @@ def test_scores_look_past_the_sites_of_known_signatures(bos_planted):
 
 def test_a_round_closes_its_known_sites_and_feeds_the_pool_it_was_given(bos_planted,
                                                                        monkeypatch):
-    monkeypatch.setattr("fuzz.search.target", lambda *a, **k: None)  # outside a Hypothesis run
+    # outside a Hypothesis run
+    monkeypatch.setattr("fuzz.search.round.target", lambda *a, **k: None)
     layers = bos_planted.model.config.num_hidden_layers
     known = {("fp", "float16", False, 1, "residual_mlp", "content"),
              ("fp", "float16", False, layers, "logits", "content"), BOS_SIG}
@@ -178,7 +180,8 @@ def test_one_findings_shrink_and_minimizing_get_a_tenth_of_the_budget_at_least_2
 
 def test_a_shrink_past_its_own_limit_hands_over_its_best_prompt(bos_planted, monkeypatch):
     """However far the job's deadline is, one finding's shrink ends at shrink_limit_s."""
-    monkeypatch.setattr("fuzz.search.target", lambda *a, **k: None)  # outside a Hypothesis run
+    # outside a Hypothesis run
+    monkeypatch.setattr("fuzz.search.round.target", lambda *a, **k: None)
     summary = PolicySummary.for_policy("float16", [True])
     search = Search(bos_planted, "float16", True, set(), summary, deadline=math.inf,
                     shrink_deadline=math.inf, shrink_limit_s=0.0)
@@ -223,7 +226,8 @@ def test_mutants_read_the_pool_when_they_draw_and_splice_into_nothing_while_it_i
 
 def test_the_live_pool_follows_the_misses_and_freezes_while_a_failure_is_pending(bos_planted,
                                                                                 monkeypatch):
-    monkeypatch.setattr("fuzz.search.target", lambda *a, **k: None)  # outside a Hypothesis run
+    # outside a Hypothesis run
+    monkeypatch.setattr("fuzz.search.round.target", lambda *a, **k: None)
     summary = PolicySummary.for_policy("float16", [False])
     search = Search(bos_planted, "float16", False, set(), summary, deadline=math.inf)
     pool = search.live_pool

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from fuzz.generate import Bounds, PromptSpec
-from fuzz.minimize import deletion_candidates, minimize_text
 from fuzz.session import ModelOptions, Session
+from fuzz.shrink.minimize import deletion_candidates, minimize_text
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_deletion_candidates():
 def test_a_prefill_failure_is_first_cut_after_its_failing_token():
     """Causal attention: nothing after the failing position feeds a prefill overflow, so one
     cut removes a tail that character deletions would take dozens of runs to remove."""
-    from fuzz.engine.planted import digit_run_model
-    from fuzz.minimize import causal_prefix
+    from fuzz.engine.synthetic.planted import digit_run_model
+    from fuzz.shrink.minimize import causal_prefix
 
     session = Session(digit_run_model(8), bounds=Bounds(max_new_tokens=1))
     spec = PromptSpec("00000000 and then a long tail of words, 12 and 34", add_bos=True)

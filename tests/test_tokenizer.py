@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from fuzz.engine.tokenizer import CHAT_TEMPLATE, Tokenizer
-from fuzz.engine.tokenizer_build import TINY_VOCAB_SIZE, tiny_tokenizer
+from fuzz.engine.tokenizer.build import TINY_VOCAB_SIZE, tiny_tokenizer
 
 # Mixed text: digits, decimals, whitespace runs, tabs, newlines, CJK, emoji, control tokens.
 MIXED_TEXTS = [

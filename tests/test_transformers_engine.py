@@ -1,4 +1,4 @@
-"""The transformers engine (fuzz.engine.transformers_engine) and its probe (transformers_hooks):
+"""The transformers engine (fuzz.engine.transformers.engine) and its probe (transformers_hooks):
 the same sites, verdicts and logits as the built-in engine on the tiny Gemma 1/2/3 models, its
 refusals, its CLI wiring, and the real Gemma 3 270M (marker real_weights)."""
 from __future__ import annotations
@@ -14,12 +14,12 @@ pytest.importorskip("transformers", reason="the transformers engine needs transf
 
 from fuzz.cli import main  # noqa: E402
 from fuzz.engine.interface import prompt_batch  # noqa: E402
-from fuzz.engine.transformers_engine import (  # noqa: E402
+from fuzz.engine.transformers.engine import (  # noqa: E402
     TransformersEngine,
     attention_of,
     engine_kind,
 )
-from fuzz.engine.transformers_hooks import TransformersHookProbe  # noqa: E402
+from fuzz.engine.transformers.hooks import TransformersHookProbe  # noqa: E402
 from fuzz.engine.zoo import is_installed, load_model  # noqa: E402
 from fuzz.generate import Bounds, PromptSpec, generate  # noqa: E402
 from fuzz.precision import get_policy  # noqa: E402

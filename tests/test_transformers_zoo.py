@@ -1,4 +1,4 @@
-"""The zoo's tiny Gemma 3n / Gemma 4 (fuzz.engine.transformers_zoo) through the transformers
+"""The zoo's tiny Gemma 3n / Gemma 4 (fuzz.engine.transformers.zoo) through the transformers
 engine: what the configs cover, the sites the probe reports on them, the KV cache, the planted
 Gemma 4 overflow, and `fuzz run` finding and shrinking it."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip("transformers", reason="Gemma 3n/4 run on transformers only"
 from fuzz.cli import main  # noqa: E402
 from fuzz.corpus import Corpus  # noqa: E402
 from fuzz.engine.interface import Batch, prompt_batch  # noqa: E402
-from fuzz.engine.transformers_zoo import PLANTED_LAYER, tiny_transformers_model  # noqa: E402
+from fuzz.engine.transformers.zoo import PLANTED_LAYER, tiny_transformers_model  # noqa: E402
 from fuzz.engine.zoo import load_model  # noqa: E402
 from fuzz.generate import Bounds, PromptSpec, generate  # noqa: E402
 from fuzz.precision import get_policy  # noqa: E402

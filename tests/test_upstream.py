@@ -1,4 +1,5 @@
-"""The upstream engine (fuzz.engine.upstream) against the built-in model and upstream's generate().
+"""The upstream engine (fuzz.engine.upstream.engine) against the built-in model and upstream's
+generate().
 
 google/gemma_pytorch is not on any package registry: `tox -e tests` installs a local copy when one
 is at hand (.ci/install_upstream.py). Without it every test that needs it is skipped with the
@@ -27,7 +28,6 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from fuzz.engine import synthetic
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
 from fuzz.engine.model import (
     MASK_VALUE,
@@ -40,9 +40,10 @@ from fuzz.engine.model import (
     prompt_batch,
     rope_frequencies,
 )
+from fuzz.engine.synthetic import tiny as synthetic
 from fuzz.engine.tokenizer import Tokenizer
-from fuzz.engine.tokenizer_build import tiny_tokenizer
-from fuzz.engine.upstream import shared_positions, upstream_available, upstream_masks
+from fuzz.engine.tokenizer.build import tiny_tokenizer
+from fuzz.engine.upstream.engine import shared_positions, upstream_available, upstream_masks
 from fuzz.generate import Bounds, PromptSpec, explain, generate
 from fuzz.verdict import Verdict
 
@@ -125,7 +126,7 @@ def encode(sp: spm.SentencePieceProcessor, prompt: str) -> list[int]:
 def build_pair(arch: Architecture, dtype: torch.dtype, tokenizer: Any,
                sp: spm.SentencePieceProcessor,
                **overrides: Any) -> tuple[GemmaForCausalLM, Any]:
-    from fuzz.engine.upstream import UpstreamEngine
+    from fuzz.engine.upstream.engine import UpstreamEngine
 
     config = tiny_config(arch, sp.vocab_size(), **overrides)
     state = random_state(config)
@@ -338,7 +339,7 @@ def test_shared_positions_refuses_a_short_cache() -> None:
 # --- parity with the built-in model (needs gemma_pytorch) --------------------------------------
 ARCHS = [Architecture.GEMMA_1, Architecture.GEMMA_2, Architecture.GEMMA_3]
 # Upstream's 4b/12b/27b_v3 factor (gemma/config.py); with it upstream runs Gemma 3 through
-# Gemma3ForMultimodalLM, whose global RoPE table is divided by it (fuzz.engine.upstream).
+# Gemma3ForMultimodalLM, whose global RoPE table is divided by it (fuzz.engine.upstream.engine).
 SCALED = {"rope_scaling_factor": 8}
 PARITY_MODELS = [*(pytest.param(a, {}, id=a.name) for a in ARCHS),
                  pytest.param(Architecture.GEMMA_3, SCALED, id="GEMMA_3-rope_scaling_8")]
@@ -517,7 +518,7 @@ def test_padded_batch_is_refused(tokenizer_bytes, sp) -> None:
 @requires_upstream
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
 def test_a_state_that_does_not_fit_is_refused_by_name(change, tokenizer_bytes, sp) -> None:
-    from fuzz.engine.upstream import UpstreamEngine
+    from fuzz.engine.upstream.engine import UpstreamEngine
 
     config = tiny_config(Architecture.GEMMA_3, sp.vocab_size())
     state = random_state(config)
@@ -533,7 +534,7 @@ def test_a_state_that_does_not_fit_is_refused_by_name(change, tokenizer_bytes, s
 
 @requires_upstream
 def test_tokenizer_may_be_a_path_but_must_exist(tmp_path, tokenizer_bytes, sp) -> None:
-    from fuzz.engine.upstream import UpstreamEngine
+    from fuzz.engine.upstream.engine import UpstreamEngine
 
     config = tiny_config(Architecture.GEMMA_3, sp.vocab_size())
     path = tmp_path / "tiny.model"
@@ -591,7 +592,7 @@ def assert_same_verdict(ours: GemmaForCausalLM, theirs: Any, tokenizer: Any, spe
 @pytest.mark.parametrize("add_bos", [True, False])
 @pytest.mark.parametrize("overflow", [False, True])
 def test_suite_generation_finds_the_same_verdict(overflow, add_bos, tokenizer) -> None:
-    from fuzz.engine.upstream import UpstreamEngine
+    from fuzz.engine.upstream.engine import UpstreamEngine
 
     config = tiny_config(Architecture.GEMMA_3, tokenizer.n_words)
     state = _overflowing_state(config) if overflow else random_state(config)
@@ -619,7 +620,7 @@ def real_270m(real_gguf: Any) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tok
 def real_pair(real_270m: tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer],
               dtype: torch.dtype) -> tuple[GemmaForCausalLM, Any]:
     """The built-in model and upstream's own GemmaForCausalLM, both from the same GGUF state."""
-    from fuzz.engine.upstream import UpstreamEngine
+    from fuzz.engine.upstream.engine import UpstreamEngine
 
     config, state, tokenizer = real_270m
     return (materialize(config, state, dtype),

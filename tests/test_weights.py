@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from fuzz.engine import synthetic, weights
+from fuzz.engine import weights
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig, get_model_config
 from fuzz.engine.model import parameter_shapes
+from fuzz.engine.synthetic import tiny as synthetic
 from fuzz.engine.weights import (
     GGUFModel,
     WeightsError,

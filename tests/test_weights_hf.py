@@ -17,8 +17,8 @@ from fuzz.cli import main as cli_main
 from fuzz.engine.config import AttentionType
 from fuzz.engine.hf_dir import load_hf_model
 from fuzz.engine.model import full_logits
-from fuzz.engine.tokenizer_build import tiny_tokenizer
-from fuzz.engine.tokenizer_json import tokenizer_from_json
+from fuzz.engine.tokenizer.build import tiny_tokenizer
+from fuzz.engine.tokenizer.hf_json import tokenizer_from_json
 from fuzz.engine.weights import WeightsError
 from fuzz.engine.weights.hf_config import config_from_hf
 from fuzz.engine.zoo import load_model

@@ -32,8 +32,7 @@ a Case or a CorpusError) and :mod:`.store` (the directory, the lock, saving). Im
 from __future__ import annotations
 
 from fuzz.atomic import TMP_SUFFIX
-
-from .case import (
+from fuzz.corpus.case import (
     BOUNDS_KEYS,
     CASE_FILE_RE,
     CASE_ID_HEX_DIGITS,
@@ -48,8 +47,8 @@ from .case import (
     short_label,
     signature,
 )
-from .store import LOCK_NAME, Corpus, LoadedCase, SaveResult, SaveStatus, ScanResult
-from .validate import RECREATE_HINT, CorpusError, load_case
+from fuzz.corpus.store import LOCK_NAME, Corpus, LoadedCase, SaveResult, SaveStatus, ScanResult
+from fuzz.corpus.validate import RECREATE_HINT, CorpusError, load_case
 
 __all__ = [
     "BOUNDS_KEYS",

@@ -62,7 +62,7 @@ class Case:
     # before it existed have none (their model is a zoo name), and then it is not written.
     model_location: str | None = None
     # How far past the limit the failure went (fuzz.margin.Margin.to_dict), and whether it held
-    # under every kernel variation (fuzz.robustness.Robustness.to_dict); None: not measured.
+    # under every kernel variation (fuzz.shrink.robustness.Robustness.to_dict); None: not measured.
     margin: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION

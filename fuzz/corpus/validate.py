@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import fuzz
+from fuzz.corpus.case import BOUNDS_KEYS, FINDER_KEYS, MODEL_NAME_RE, SCHEMA_VERSION, Case
 from fuzz.verdict import NonFinite, from_json_safe
-
-from .case import BOUNDS_KEYS, FINDER_KEYS, MODEL_NAME_RE, SCHEMA_VERSION, Case
 
 RECREATE_HINT = "re-create the case with `python -m fuzz add`"
 

@@ -3,7 +3,7 @@
 `--model DIR` with a `config.json` needs no --variant, --config or --tokenizer: the config comes
 from `config.json` (fuzz.engine.weights.hf_config), the weights from its safetensors
 (fuzz.engine.weights.hf), the tokenizer from `tokenizer.model` (SentencePiece) when the directory
-has one, else from `tokenizer.json` (rebuilt as SentencePiece by fuzz.engine.tokenizer_json,
+has one, else from `tokenizer.json` (rebuilt as SentencePiece by fuzz.engine.tokenizer.hf_json,
 cached: ~8 s for Gemma 3's 262k pieces on 2 busy cores, measured).
 
 The fingerprint hashes the float32 weights (not the files), so the same model saved as one file
@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from fuzz.atomic import write_atomic
-
-from .loaded import LoadedModel, fingerprint, state_hash
-from .tokenizer import Tokenizer
+from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
+from fuzz.engine.tokenizer import Tokenizer
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 # Bump when tokenizer_json's mapping changes: older cached models are then rebuilt.
@@ -31,7 +30,7 @@ def load_hf_model(path: str | Path, name: Optional[str] = None, *,
                   tokenizer_path: Optional[str] = None) -> LoadedModel:
     """The model of an HF directory. `tokenizer_path` (a SentencePiece .model) replaces the
     directory's tokenizer; a variant or config file is refused: config.json says what it is."""
-    from .weights.hf import read_hf
+    from fuzz.engine.weights.hf import read_hf
 
     path = Path(path)
     if variant is not None or config_path is not None:
@@ -51,7 +50,7 @@ def load_hf_model(path: str | Path, name: Optional[str] = None, *,
 
 def hf_tokenizer(directory: Path) -> Tokenizer:
     """`tokenizer.model` when present (the original SentencePiece model), else `tokenizer.json`."""
-    from .tokenizer_json import TOKENIZER_CONFIG, TOKENIZER_JSON, tokenizer_from_json
+    from fuzz.engine.tokenizer.hf_json import TOKENIZER_CONFIG, TOKENIZER_JSON, tokenizer_from_json
 
     sentencepiece = directory / SENTENCEPIECE_FILE
     if sentencepiece.is_file():
@@ -73,7 +72,7 @@ def cached_tokenizer(file_name: str, build: Callable[[], Tokenizer]) -> Tokenize
     """A tokenizer rebuilt in code, kept as a SentencePiece model in the weights cache directory
     ($GEMMA_FUZZ_CACHE or ~/.cache/gemma-fuzz) under `file_name` (a content hash of its source).
     An unwritable cache only costs time; workers never read half a file (write_atomic)."""
-    from .weights import default_cache_dir
+    from fuzz.engine.weights import default_cache_dir
 
     cached = default_cache_dir() / file_name
     try:

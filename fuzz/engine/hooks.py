@@ -1,5 +1,5 @@
 """Module hooks that report a model's tensors to a Recorder: what the probes of other people's
-models (google/gemma_pytorch's: fuzz.engine.upstream_hooks; transformers': transformers_hooks)
+models (google/gemma_pytorch's: fuzz.engine.upstream.hooks; transformers': transformers_hooks)
 share. Each registers forward hooks and pre-hooks and removes them all at once."""
 from __future__ import annotations
 

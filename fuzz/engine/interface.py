@@ -1,6 +1,7 @@
 """What every engine offers the generation loop (fuzz.generate), and what it is given.
 
-An engine (the built-in fuzz.engine.model, google/gemma_pytorch through fuzz.engine.upstream) is
+An engine (the built-in fuzz.engine.model, google/gemma_pytorch through
+fuzz.engine.upstream.engine) is
 called as `engine(batch, cache, recorder) -> logits` with a `Batch` of new tokens and a `KVCache`
 it writes; a `Recorder` (fuzz.probe) sees every instrumented tensor in execution order, under the
 site names below. `Numerics` says how a run departs from upstream on purpose (the mitigated
@@ -13,7 +14,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from .config import GemmaConfig
+from fuzz.engine.config import GemmaConfig
 
 # Upstream's mask constant (float32), `-2.3819763e38`.
 MASK_VALUE = -2.3819763e38

@@ -6,7 +6,7 @@ avx512_fp16, "30 00:47 000.135" stays finite with torch's native float16 matmuls
 "fp32-accumulate" (each product computed in float32 from the float16 operands, the result rounded
 to float16 once) reproduces what a CPU without avx512_fp16 recorded: step 9, layer 10,
 residual_mlp, 1.092 x the limit. So the second kernel is how one machine imitates the other
-kind: fuzz.robustness runs every finding under both.
+kind: fuzz.shrink.robustness runs every finding under both.
 
 Every tensor keeps its dtype at every op boundary either way: only the reduction inside one
 product changes. Only float16 products are affected; other dtypes always use torch's kernel.

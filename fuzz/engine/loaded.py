@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from .config import GemmaConfig
-from .model import materialize
+from fuzz.engine.config import GemmaConfig
+from fuzz.engine.model import materialize
 
 # "transformers" runs transformers' own classes with its default attention; the -eager/-sdpa
-# kinds name the attention (fuzz.engine.transformers_engine).
+# kinds name the attention (fuzz.engine.transformers.engine).
 ENGINES = ("builtin", "upstream", "transformers", "transformers-eager", "transformers-sdpa")
 
 
@@ -27,7 +27,7 @@ class LoadedModel:
     tokenizer: Any  # fuzz.engine.tokenizer.Tokenizer
     fingerprint: str  # sha256 of weights + config + tokenizer
     source: str  # where the weights came from (path or "synthetic")
-    # A model only transformers runs (Gemma 3n/4: fuzz.engine.transformers_zoo): its HF config
+    # A model only transformers runs (Gemma 3n/4: fuzz.engine.transformers.zoo): its HF config
     # and state (then `state` holds transformers' names too); None for every other model.
     transformers: Any = None
     # Where to find the model again, recorded in its corpus cases: a zoo model's name, or the
@@ -45,7 +45,7 @@ class LoadedModel:
 
     def _build(self, policy: Any, device: str | torch.device, kind: str) -> Any:
         if kind.startswith("transformers"):
-            from .transformers_engine import TransformersEngine, attention_of
+            from fuzz.engine.transformers.engine import TransformersEngine, attention_of
 
             return TransformersEngine(self, policy, device, attention_of(kind))
         if self.transformers is not None and kind in ENGINES:
@@ -60,7 +60,7 @@ class LoadedModel:
                     f"policy {policy.name!r} is a mitigation that upstream gemma_pytorch does not "
                     "have; run it with --engine builtin, or pick float32, bfloat16 or float16"
                 )
-            from .upstream import UpstreamEngine
+            from fuzz.engine.upstream.engine import UpstreamEngine
 
             return UpstreamEngine(self.config, self.state, policy.dtype, device,
                                   self.tokenizer.serialized_model_proto())

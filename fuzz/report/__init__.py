@@ -20,8 +20,8 @@ The package, one module per concern (this module re-exports their public names, 
 """
 from __future__ import annotations
 
-from .commands import check_command, replay_command, run_command
-from .describe import (
+from fuzz.report.commands import check_command, replay_command, run_command
+from fuzz.report.describe import (
     bos_text,
     bounds_text,
     describe_nonfinite,
@@ -44,21 +44,10 @@ from .describe import (
     signature_text,
     site_limit,
 )
-from .files import DEFAULT_STEM, REPORT_SUFFIXES, report_paths, write_report
-from .html import render_html
-from .markdown import md_cell, md_code, render_markdown
-from .model import (
-    DTYPE_MAX,
-    FINDING_STATUSES,
-    NEAREST_MISSES,
-    STOP_REASONS,
-    Finding,
-    ModeCounts,
-    PolicySummary,
-    RunSummary,
-    unique_misses,
-)
-from .plots import (
+from fuzz.report.files import DEFAULT_STEM, REPORT_SUFFIXES, report_paths, write_report
+from fuzz.report.html import render_html
+from fuzz.report.markdown import md_cell, md_code, render_markdown
+from fuzz.report.plots import (
     GROUP_COLORS,
     SITE_GROUPS,
     default_title,
@@ -71,10 +60,10 @@ from .plots import (
 
 # Plot internals, re-exported on purpose ("as" marks that) but kept out of __all__:
 # tests/test_report.py checks the series they build without drawing a figure.
-from .plots import _group_series as _group_series
-from .plots import _headroom_series as _headroom_series
-from .plots import _layer_axis as _layer_axis
-from .text import (
+from fuzz.report.plots import _group_series as _group_series
+from fuzz.report.plots import _headroom_series as _headroom_series
+from fuzz.report.plots import _layer_axis as _layer_axis
+from fuzz.report.text import (
     also_hit,
     best_headroom_text,
     findings_total,
@@ -83,6 +72,17 @@ from .text import (
     policy_rows,
     policy_status,
     status_text,
+)
+from fuzz.search.accounting import (
+    DTYPE_MAX,
+    FINDING_STATUSES,
+    NEAREST_MISSES,
+    STOP_REASONS,
+    Finding,
+    ModeCounts,
+    PolicySummary,
+    RunSummary,
+    unique_misses,
 )
 
 __all__ = [

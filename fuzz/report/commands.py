@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import shlex
 
-from ..verdict import Verdict
-from .describe import shell_quote
-from .model import RunSummary
+from fuzz.report.describe import shell_quote
+from fuzz.search.accounting import RunSummary
+from fuzz.verdict import Verdict
 
 # `fuzz run`'s flag for each bound a summary records (fuzz.generate.Bounds.to_dict()).
 BOUND_FLAGS = {"max_new_tokens": "--max-new-tokens", "max_prompt_tokens": "--max-prompt-tokens"}

@@ -11,8 +11,8 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from ..verdict import NonFinite, Verdict, layer_label
-from .model import DTYPE_MAX
+from fuzz.search.accounting import DTYPE_MAX
+from fuzz.verdict import NonFinite, Verdict, layer_label
 
 
 def fmt_value(x: float) -> str:
@@ -201,7 +201,8 @@ def margin_text(margin: dict[str, Any] | None) -> str | None:
 
 
 def robustness_text(robustness: dict[str, Any] | None) -> str | None:
-    """fuzz.robustness.Robustness.to_dict() in words: held under every variation, or why not."""
+    """fuzz.shrink.robustness.Robustness.to_dict() in words: held under every variation, or
+    why not."""
     if not robustness:
         return None
     variations = robustness.get("variations", [])

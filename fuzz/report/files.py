@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..atomic import write_atomic
-from .html import render_html
-from .markdown import render_markdown
-from .model import RunSummary
-from .plots import render_plots
+from fuzz.atomic import write_atomic
+from fuzz.report.html import render_html
+from fuzz.report.markdown import render_markdown
+from fuzz.report.plots import render_plots
+from fuzz.search.accounting import RunSummary
 
 REPORT_SUFFIXES = (".md", ".html", ".htm", ".json")
 DEFAULT_STEM = "report"

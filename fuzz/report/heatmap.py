@@ -11,13 +11,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import write_atomic
-from .describe import fmt_value
-from .model import RunSummary
-from .text import group_findings
+from fuzz.atomic import write_atomic
+from fuzz.report.describe import fmt_value
+from fuzz.report.text import group_findings
+from fuzz.search.accounting import RunSummary
 
 if TYPE_CHECKING:  # fuzz.positions imports torch: the report's renderers need only the data
-    from ..positions import PositionMap
+    from fuzz.positions import PositionMap
 
 # Colours span 10^-4 .. 10^0 of the limit (a ratio of 1 is the overflow); smaller values are
 # the darkest shade. Non-finite cells are drawn in NONFINITE_COLOR, past the scale's top.
@@ -137,7 +137,7 @@ def finding_key(policy: str, index: int) -> str:
 
 def finding_heatmaps(summary: RunSummary) -> dict[str, bytes]:
     """A heat map PNG per finding group (text.group_findings order) whose finding was mapped."""
-    from ..positions import PositionMap
+    from fuzz.positions import PositionMap
 
     out = {}
     for p in summary.policies:

@@ -12,10 +12,10 @@ from typing import Any
 
 # the shared wording and commands, read as text.NAME and commands.NAME (text is
 # shadowed in _h, _t, _code)
-from . import commands, text
-from .describe import bos_text, prompt_literal
-from .heatmap import HEATMAP_CAPTION, finding_key
-from .model import Finding, PolicySummary, RunSummary
+from fuzz.report import commands, text
+from fuzz.report.describe import bos_text, prompt_literal
+from fuzz.report.heatmap import HEATMAP_CAPTION, finding_key
+from fuzz.search.accounting import Finding, PolicySummary, RunSummary
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;

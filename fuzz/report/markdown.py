@@ -12,9 +12,9 @@ import re
 
 # the shared wording and commands, read as text.NAME and commands.NAME (text is
 # shadowed only in md_code, md_cell)
-from . import commands, text
-from .heatmap import HEATMAP_CAPTION, finding_key
-from .model import Finding, PolicySummary, RunSummary
+from fuzz.report import commands, text
+from fuzz.report.heatmap import HEATMAP_CAPTION, finding_key
+from fuzz.search.accounting import Finding, PolicySummary, RunSummary
 
 
 def md_code(text: str) -> str:

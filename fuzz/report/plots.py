@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_atomic
-from ..verdict import Verdict
-from .describe import describe_where, fmt_value, nonfinite_layer_label, num_layers, prompt_literal
-from .model import DTYPE_MAX, RunSummary
+from fuzz.atomic import write_atomic
+from fuzz.report.describe import (
+    describe_where,
+    fmt_value,
+    nonfinite_layer_label,
+    num_layers,
+    prompt_literal,
+)
+from fuzz.search.accounting import DTYPE_MAX, RunSummary
+from fuzz.verdict import Verdict
 
 # Site groups drawn as one line each (max over the group's sites at each layer). Names are those
 # the engine records (fuzz.engine.model.LAYER_SITES, plus embedding, final_norm and logits).
@@ -166,7 +172,7 @@ def render_png(verdict: Verdict, title: str | None = None, dpi: int = 100) -> by
 def render_plots(summary: RunSummary) -> dict[str, bytes]:
     """One PNG per policy that has something to plot, keyed by the policy's name, and a heat
     map per mapped finding, keyed by fuzz.report.heatmap.finding_key."""
-    from .heatmap import finding_heatmaps
+    from fuzz.report.heatmap import finding_heatmaps
 
     plots = {}
     for p in summary.policies:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..margin import Margin
-from ..verdict import Verdict
+from fuzz.margin import Margin
+from fuzz.verdict import Verdict
 
 SITE_GROUPS = {
     "residual": ("embedding", "residual_attn", "residual_mlp"),

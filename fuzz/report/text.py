@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .commands import add_command, check_command
-from .describe import (
+from fuzz.report.commands import add_command, check_command
+from fuzz.report.describe import (
     bos_text,
     bounds_text,
     describe_nonfinite,
@@ -36,7 +36,14 @@ from .describe import (
     signature_text,
     variations_text,
 )
-from .model import Finding, ModeCounts, PolicySummary, RunSummary, mode_name, unique_misses
+from fuzz.search.accounting import (
+    Finding,
+    ModeCounts,
+    PolicySummary,
+    RunSummary,
+    mode_name,
+    unique_misses,
+)
 
 # --------------------------------------------------------------------------- counts and status
 
@@ -58,7 +65,7 @@ class Tally:
     # are known to have failed, so the wording says "at least" and never "finite"
     counted: bool = True
     seconds: float = 0.0  # wall time spent on it
-    saturated: bool = False  # given up: every prompt failed at the BOS position (fuzz.search)
+    saturated: bool = False  # given up: every prompt failed at the BOS position (fuzz.search.round)
 
 
 def _tally(p: PolicySummary, counts: ModeCounts, findings: list[Finding],

@@ -28,8 +28,8 @@ not from the submodules: the split is an implementation detail.
 
 from __future__ import annotations
 
-from ..engine.tokenizer import CHAT_PREFIX, CHAT_SUFFIX, chat_turn
-from .compose import (
+from fuzz.engine.tokenizer import CHAT_PREFIX, CHAT_SUFFIX, chat_turn
+from fuzz.strategies.compose import (
     DEFAULT_MAX_CHARS,
     DEFAULT_MAX_FRAGMENTS,
     FRAGMENT_KINDS,
@@ -46,10 +46,10 @@ from .compose import (
     structured_prompts,
     templates,
 )
-from .long import SLIDING_WINDOW, long_prompts
-from .mutate import MUTATIONS, mutants
-from .numbers import NUMBER_FORMS, numbers, roman_numeral, spell_number
-from .vocabulary import (
+from fuzz.strategies.long import SLIDING_WINDOW, long_prompts
+from fuzz.strategies.mutate import MUTATIONS, mutants
+from fuzz.strategies.numbers import NUMBER_FORMS, numbers, roman_numeral, spell_number
+from fuzz.strategies.vocabulary import (
     CODE,
     DOMAINS,
     JARGON,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from ..engine.tokenizer import CHAT_PREFIX, CHAT_SUFFIX, chat_turn
-from .numbers import numbers
-from .vocabulary import (
+from fuzz.engine.tokenizer import CHAT_PREFIX, CHAT_SUFFIX, chat_turn
+from fuzz.strategies.numbers import numbers
+from fuzz.strategies.vocabulary import (
     OPERATORS,
     _uniform_one_of,
     code_fragments,

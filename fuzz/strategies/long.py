@@ -27,7 +27,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from .compose import prompts
+from fuzz.strategies.compose import prompts
 
 LONG_MAX_PROMPT_TOKENS = 1024
 SLIDING_WINDOW = 512  # Gemma 3's; what the prompts must get past

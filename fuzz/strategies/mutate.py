@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from .compose import fragments
+from fuzz.strategies.compose import fragments
 
 # Deletion first: shrinking heads toward fewer, simpler edits.
 MUTATIONS: tuple[str, ...] = ("delete", "duplicate", "repeat", "splice")
@@ -25,7 +25,7 @@ MAX_SPAN = 32
 # Every choice below has the same range whatever the pool holds (pool indices are taken modulo
 # its size, positions as a fraction of the text's length): Hypothesis replays a choice sequence
 # and requires it to draw the same kinds of choices each time (FlakyStrategyDefinition otherwise),
-# and the pool may change under a strategy that is already built (fuzz.search's live misses).
+# and the pool may change under a strategy that is already built (fuzz.search.round's live misses).
 MAX_POOL_INDEX = 63
 POSITION_STEPS = 1024
 
@@ -36,7 +36,8 @@ def mutants(pool: Sequence[str]) -> SearchStrategy[str]:
     (fuzz.strategies.fragments). Positions and lengths are integer choices that Hypothesis's
     target phase can tune.
 
-    `pool` is read at every draw, so a list the caller keeps up to date (fuzz.search: the mode's
+    `pool` is read at every draw, so a list the caller keeps up to date (fuzz.search.round: the
+    mode's
     nearest misses, closest first, frozen while a failure is shrunk so that a replayed choice
     sequence draws the same prompt) steers every draw by what the search has just seen. While
     it is empty the edits apply to the empty text: only splices then yield a prompt.

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from .vocabulary import _select, _uniform_one_of
+from fuzz.strategies.vocabulary import _select, _uniform_one_of
 
 _DIGITS = "0123456789"
 

@@ -23,7 +23,7 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from ..engine.tokenizer import SPACE_SYMBOL
+from fuzz.engine.tokenizer import SPACE_SYMBOL
 
 # "." and "\n" first: they carry massive activations (Sun et al. 2024) and are the plainest marks.
 PUNCTUATION: tuple[str, ...] = (

@@ -15,9 +15,9 @@ any missing key, unexpected key or wrong shape is a `WeightsError` that names ev
 """
 from __future__ import annotations
 
-from .cache import CACHE_ENV, CACHE_FORMAT, default_cache_dir, load_gguf
-from .checkpoint import INDEX_FILE, ROPE_BUFFERS, build_model, load_checkpoint
-from .gguf_file import (
+from fuzz.engine.weights.cache import CACHE_ENV, CACHE_FORMAT, default_cache_dir, load_gguf
+from fuzz.engine.weights.checkpoint import INDEX_FILE, ROPE_BUFFERS, build_model, load_checkpoint
+from fuzz.engine.weights.gguf_file import (
     GGUF_MAGIC,
     SUPPORTED_GGUF_ARCHITECTURES,
     GGUFModel,
@@ -28,7 +28,12 @@ from .gguf_file import (
     open_gguf_reader,
     read_gguf,
 )
-from .strict import SCALER_SUFFIX, WeightsError, check_state_dict, dequantize_int8
+from fuzz.engine.weights.strict import (
+    SCALER_SUFFIX,
+    WeightsError,
+    check_state_dict,
+    dequantize_int8,
+)
 
 __all__ = [
     "CACHE_ENV",

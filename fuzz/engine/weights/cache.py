@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fuzz.atomic import temp_glob, write_atomic
-
-from ..config import GemmaConfig
-from .gguf_file import GGUFModel, file_sha256, read_gguf
-from .strict import check_state_dict
+from fuzz.engine.config import GemmaConfig
+from fuzz.engine.weights.gguf_file import GGUFModel, file_sha256, read_gguf
+from fuzz.engine.weights.strict import check_state_dict
 
 CACHE_ENV = "GEMMA_FUZZ_CACHE"
 # Bump when the cache layout or the GGUF mapping changes: older cache files are then rebuilt.

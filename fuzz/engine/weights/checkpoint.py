@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ..config import GemmaConfig
-from ..interface import FAITHFUL, Numerics
-from ..model import GemmaForCausalLM, materialize
-from .gguf_file import GGUF_MAGIC
-from .strict import WeightsError, check_state_dict, dequantize_int8
+from fuzz.engine.config import GemmaConfig
+from fuzz.engine.interface import FAITHFUL, Numerics
+from fuzz.engine.model import GemmaForCausalLM, materialize
+from fuzz.engine.weights.gguf_file import GGUF_MAGIC
+from fuzz.engine.weights.strict import WeightsError, check_state_dict, dequantize_int8
 
 INDEX_FILE = "pytorch_model.bin.index.json"
 # Upstream registers its RoPE tables as (persistent) buffers, so they can appear in a saved

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..config import Architecture, AttentionType, GemmaConfig
-from ..model import parameter_shapes
-from .strict import WeightsError, check_state_dict, config_summary
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
+from fuzz.engine.model import parameter_shapes
+from fuzz.engine.weights.strict import WeightsError, check_state_dict, config_summary
 
 if TYPE_CHECKING:
     import gguf

@@ -26,11 +26,16 @@ from typing import Any
 
 import torch
 
-from ..config import GemmaConfig
-from ..model import parameter_shapes
-from .checkpoint import read_safetensors
-from .hf_config import config_from_hf
-from .strict import WeightsError, check_state_dict, config_summary, mismatch_report
+from fuzz.engine.config import GemmaConfig
+from fuzz.engine.model import parameter_shapes
+from fuzz.engine.weights.checkpoint import read_safetensors
+from fuzz.engine.weights.hf_config import config_from_hf
+from fuzz.engine.weights.strict import (
+    WeightsError,
+    check_state_dict,
+    config_summary,
+    mismatch_report,
+)
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"

@@ -16,8 +16,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import Architecture, AttentionType, GemmaConfig
-from .strict import WeightsError
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
+from fuzz.engine.weights.strict import WeightsError
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _ARCHITECTURES = {"gemma": Architecture.GEMMA_1, "gemma2": Architecture.GEMMA_2,

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import GemmaConfig
-from ..model import parameter_shapes
+from fuzz.engine.config import GemmaConfig
+from fuzz.engine.model import parameter_shapes
 
 # Upstream's quantized Linear/Embedding keep one float scale per output row under `X.weight_scaler`.
 SCALER_SUFFIX = "_scaler"

@@ -8,8 +8,9 @@ non-finite value as it happens.
     print(m.report())                # worst site per layer, min headroom per forward call
 
 `model` is the built-in engine (fuzz.engine.model.GemmaForCausalLM), google/gemma_pytorch's
-`gemma.model.GemmaForCausalLM` (or fuzz.engine.upstream.UpstreamEngine) or a transformers Gemma
-causal LM; fuzz.monitor_attach says how each is hooked. Every site reports under the built-in
+`gemma.model.GemmaForCausalLM` (or fuzz.engine.upstream.engine.UpstreamEngine) or a transformers
+Gemma
+causal LM; fuzz.monitor.attach says how each is hooked. Every site reports under the built-in
 names (fuzz.engine.interface), so a monitored run reads like `fuzz check`'s table.
 
 A "step" is one forward call of the model (0: the prefill of a generate(), k: its k-th decode
@@ -36,9 +37,9 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import torch
 
-from .monitor_attach import Attachment, StepInputs, attachment_for
-from .probe import Probe, SiteTable, first_nonfinite
-from .verdict import NonFinite, layer_label
+from fuzz.monitor.attach import Attachment, StepInputs, attachment_for
+from fuzz.probe import Probe, SiteTable, first_nonfinite
+from fuzz.verdict import NonFinite, layer_label
 
 LOG = logging.getLogger("fuzz.monitor")
 ACTIONS = ("raise", "log")

@@ -3,7 +3,8 @@ model screens them, a new signature fails the property.
 
 An example is a LIST of prompts screened in one batched generation (batching amortises reading
 the weights, docs/NUMERICS.md); the example fails when a prompt shows a signature that is not
-known yet, past the margin a regression case needs (fuzz.robustness). Each signature raises its
+known yet, past the margin a regression case needs (fuzz.shrink.robustness). Each signature raises
+its
 own exception class, so Hypothesis treats each as a separate bug and shrinks each to its own
 minimal example (a list of one minimal prompt). Only those final, shrunk examples are returned by
 `Search.run`: the intermediate ones never reach the corpus.
@@ -13,11 +14,11 @@ Steering, the default of `fuzz run` (measured against random draws in benchmarks
   misses as they are when the prompt is drawn (`Search.live_pool`, refreshed after every batch
   and frozen while a failure is shrunk; fuzz.strategies.mutants);
 - every example reports `hypothesis.target()` on -log2 of its prompts' distance to a new
-  regression case (fuzz.misses.distance: content headroom, or how far a marginal finding is
+  regression case (fuzz.search.misses.distance: content headroom, or how far a marginal finding is
   short of the margin a case needs), and the cap for a new signature past that margin; failures
   under KNOWN signatures score nothing, or targeting would climb toward bugs the corpus already
   holds, and so does headroom at the sites of known signatures: misses and scores look only at
-  the sites still open (fuzz.misses);
+  the sites still open (fuzz.search.misses);
 - a mode whose every prompt fails under one known signature at the BOS position before any
   content position is reached (Gemma 3 270M in float16 with BOS: layer 7) is *saturated*: its
   content headroom means nothing, so it is given up after SATURATION_PROBE prompts.
@@ -39,14 +40,14 @@ from hypothesis.database import ExampleDatabase
 from hypothesis.errors import Flaky
 from hypothesis.reporting import with_reporter
 
-from .corpus import Signature
-from .generate import Bounds, PromptSpec
-from .misses import MissPool, Site, closed_sites, distance
-from .report import ModeCounts, PolicySummary
-from .robustness import MIN_MARGIN, describe_where, passes_margin
-from .session import Screened, Session
-from .strategies import mutants
-from .verdict import Verdict
+from fuzz.corpus import Signature
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.search.accounting import ModeCounts, PolicySummary
+from fuzz.search.misses import MissPool, Site, closed_sites, distance
+from fuzz.session import Screened, Session
+from fuzz.shrink.robustness import MIN_MARGIN, describe_where, passes_margin
+from fuzz.strategies import mutants
+from fuzz.verdict import Verdict
 
 TARGET_CAP = 16.0  # score of a new signature (headroom 0): above any finite score
 SATURATION_PROBE = 16  # prompts a mode screens before it may be called saturated
@@ -88,9 +89,9 @@ def error_for(sig: Signature) -> type[NewSignature]:
 
 def steering_score(results: Sequence[Screened], closed: frozenset[Site] = frozenset(),
                    case_margin: float = MIN_MARGIN) -> float:
-    """-log2 of the batch's least distance to a new regression case (fuzz.misses.distance:
+    """-log2 of the batch's least distance to a new regression case (fuzz.search.misses.distance:
     bigger = closer), outside the `closed` sites of known signatures; TARGET_CAP when a prompt
-    shows a new signature past `case_margin` (the margin a case needs: fuzz.robustness);
+    shows a new signature past `case_margin` (the margin a case needs: fuzz.shrink.robustness);
     known-signature failures and inconclusive runs score nothing."""
     if any(r.new and passes_margin(r.verdict, case_margin) for r in results):
         return TARGET_CAP
@@ -115,7 +116,8 @@ def round_strategy(fresh: st.SearchStrategy[str], pool: Sequence[str],
                    proposed: Sequence[str] = ()) -> st.SearchStrategy[str]:
     """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses, read at each
     draw: pass `Search.live_pool`; splices of fresh fragments while it is empty); with
-    `proposed` (gradient-guided swaps of the nearest misses, fuzz.proposals), a third arm that
+    `proposed` (gradient-guided swaps of the nearest misses, fuzz.search.proposals), a third arm
+    that
     screens those prompts as they are."""
     arms = [fresh, mutants(pool)] + \
         ([st.sampled_from(tuple(proposed))] if proposed else [])
@@ -139,7 +141,7 @@ class Search:
     # had no time to finish shrinking.
     pending: dict[Signature, NewSignature] = field(default_factory=dict)
     saturated: bool = False
-    # This mode's nearest misses at sites with no known signature (fuzz.misses), kept across
+    # This mode's nearest misses at sites with no known signature (fuzz.search.misses), kept across
     # rounds by the caller; when not given, started from the summary's nearest misses.
     misses_pool: Optional[MissPool] = None
     # What the mutants edit: misses_pool's prompts, updated in place after every batch that raised

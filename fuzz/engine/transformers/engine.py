@@ -7,7 +7,7 @@ transformers' model as its users run it; `fuzz compare` sets it beside the other
 
 How it drives transformers (fuzz.engine.interface's protocol: `engine(batch, cache, recorder) ->
 logits`, `new_cache`, `dtype`, `device`):
-- the model comes from fuzz.engine.transformers_build (our weights mapped to transformers' names,
+- the model comes from fuzz.engine.transformers.build (our weights mapped to transformers' names,
   an HF directory through from_pretrained, or a transformers-only zoo model), built in the
   policy's dtype;
 - the KV cache is transformers' own `DynamicCache` (sliding-window layers keep their window only,
@@ -28,7 +28,7 @@ logits`, `new_cache`, `dtype`, `device`):
 - attention: `eager` or `sdpa` (transformers' attn_implementation), or transformers' own choice
   (engine kind `transformers`: sdpa where the class has it, eager for Gemma 2). `.attention` says
   which one ran.
-Probing: fuzz.engine.transformers_hooks, hooks registered for one forward.
+Probing: fuzz.engine.transformers.hooks, hooks registered for one forward.
 """
 from __future__ import annotations
 
@@ -36,9 +36,14 @@ from typing import Any, Optional
 
 import torch
 
-from .interface import FAITHFUL, Batch, Recorder
-from .transformers_build import ATTENTIONS, build_model, check_attention, import_transformers
-from .transformers_hooks import TransformersHookProbe
+from fuzz.engine.interface import FAITHFUL, Batch, Recorder
+from fuzz.engine.transformers.build import (
+    ATTENTIONS,
+    build_model,
+    check_attention,
+    import_transformers,
+)
+from fuzz.engine.transformers.hooks import TransformersHookProbe
 
 KINDS = ("transformers", *(f"transformers-{a}" for a in ATTENTIONS))
 
@@ -70,7 +75,7 @@ def attention_of(kind: str) -> Optional[str]:
 
 def refuse_mitigation(policy: Any) -> None:
     if not policy.faithful:
-        from ..precision import POLICIES
+        from fuzz.precision import POLICIES
 
         plain = [p.name for p in POLICIES.values() if p.faithful]
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Probing google/gemma_pytorch's model through module hooks (fuzz.engine.upstream).
+"""Probing google/gemma_pytorch's model through module hooks (fuzz.engine.upstream.engine).
 
 The upstream engine's probe (`rec`, a fuzz.engine.model.Recorder) uses forward hooks and
 pre-hooks on upstream's modules, registered for one forward and removed afterwards. Sites are
@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import Architecture, GemmaConfig
-from .hooks import ModuleHooks
-from .interface import Recorder
+from fuzz.engine.config import Architecture, GemmaConfig
+from fuzz.engine.hooks import ModuleHooks
+from fuzz.engine.interface import Recorder
 
 
 class HookProbe(ModuleHooks):

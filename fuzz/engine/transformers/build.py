@@ -3,7 +3,7 @@
 Three sources, tried in this order:
 1. `LoadedModel.transformers`: a `TransformersSource` (an HF config plus a float32 state dict under
    transformers' names) for models only transformers can run (the zoo's tiny Gemma 3n / Gemma 4,
-   fuzz.engine.transformers_zoo);
+   fuzz.engine.transformers.zoo);
 2. `LoadedModel.source` naming a Hugging Face model directory (config.json beside the weights):
    `AutoModelForCausalLM.from_pretrained(dir, dtype=..., attn_implementation=...)`;
 3. anything else (a GGUF such as the real Gemma 3 270M, a gemma_pytorch checkpoint, the tiny
@@ -36,8 +36,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import Architecture, AttentionType, GemmaConfig
-from .weights.hf import is_hf_dir
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
+from fuzz.engine.weights.hf import is_hf_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every source here is local
 

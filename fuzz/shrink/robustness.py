@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .corpus import Case, Signature
-from .engine.kernels import kernel
-from .generate import Bounds, PromptSpec
-from .margin import Margin, measure
-from .minimize import minimize_text
-from .precision import get_policy
-from .verdict import Verdict
+from fuzz.corpus import Case, Signature
+from fuzz.engine.kernels import kernel
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.margin import Margin, measure
+from fuzz.precision import get_policy
+from fuzz.shrink.minimize import minimize_text
+from fuzz.verdict import Verdict
 
 if TYPE_CHECKING:
-    from .session import Session
+    from fuzz.session import Session
 
 # The least margin a regression case needs: the unrounded sum 2% past the limit. Measured on
 # Gemma 3 270M without BOS (benchmarks/bench_margins.py, 91 raw float16 findings): no finding
@@ -227,7 +227,7 @@ def assess(session: Session, spec: PromptSpec, policy: str,
            bounds: Optional[Bounds] = None, deadline: float = math.inf) -> Assessment:
     """Explains the failure (channel and terms), measures its margin against a float32 run fed
     the same tokens, and runs every kernel variation (the full bounds: what replay will run)
-    until `deadline` (fuzz.schedule: the job's budget is hard)."""
+    until `deadline` (fuzz.search.schedule: the job's budget is hard)."""
     bounds = bounds or session.bounds
     verdict = session.check(spec, policy, bounds)
     if not verdict.nonfinite:

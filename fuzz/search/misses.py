@@ -23,7 +23,8 @@ default saved 3 signatures in 226 prompts, two of them `[` runs; with it 4 in 32
 four families (one `[` run); random draws 5 and 4 (its draws change with the code's literals).
 
 A marginal finding is a near miss too: a failure at an open site whose margin falls short of the
-one a regression case needs (fuzz.robustness) is `min_margin / margin` away from a case. Steering
+one a regression case needs (fuzz.shrink.robustness) is `min_margin / margin` away from a case.
+Steering
 climbs toward the limit in small steps, so its first crossings are barely past it: on Gemma 3
 270M without BOS (benchmarks/bench_search_real.py, seeds 3 and 4, each prompt's arm logged) the
 edits of near misses first crossed it for 6 new signatures, every one at 1.002-1.017 (marginal,
@@ -42,10 +43,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .corpus import Signature
-from .report import NEAREST_MISSES
-from .robustness import MIN_MARGIN
-from .verdict import Verdict, layer_label
+from fuzz.corpus import Signature
+from fuzz.search.accounting import NEAREST_MISSES
+from fuzz.shrink.robustness import MIN_MARGIN
+from fuzz.verdict import Verdict, layer_label
 
 Site = tuple[str, str]  # (layer label, site) as in Verdict.content_max_abs
 PER_FAMILY = 1  # prompts of one family the pool may hold

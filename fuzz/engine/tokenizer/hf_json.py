@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .tokenizer import PieceType, Tokenizer
-from .tokenizer_build import new_model_proto
+from fuzz.engine.tokenizer import PieceType, Tokenizer
+from fuzz.engine.tokenizer.build import new_model_proto
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -15,11 +15,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .advise import REFERENCE, Advice, PolicyAdvice, machine_text
-from .atomic import write_atomic
-from .report.files import report_paths
-from .report.markdown import md_cell, md_code
-from .verdict import json_safe
+from fuzz.advise.measure import REFERENCE, Advice, PolicyAdvice, machine_text
+from fuzz.atomic import write_atomic
+from fuzz.report.files import report_paths
+from fuzz.report.markdown import md_cell, md_code
+from fuzz.verdict import json_safe
 
 COLUMNS = ("policy", "finite everywhere", "corpus non-finite", "sampled non-finite",
            "identical greedy", "median first divergence", "step-0 top-1", "step-0 mean KL",
@@ -198,9 +198,9 @@ def main(args: Any, options: Any, bounds: Any) -> int:
     one, 2 on bad input."""
     import sys
 
-    from .advise import advise
-    from .corpus import Corpus
-    from .session import Session
+    from fuzz.advise.measure import advise
+    from fuzz.corpus import Corpus
+    from fuzz.session import Session
 
     if args.sample < 1:
         raise ValueError(f"--sample {args.sample}: give at least 1 prompt to draw")

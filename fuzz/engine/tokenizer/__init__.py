@@ -9,7 +9,7 @@
 - Control tokens written in the text (`<start_of_turn>`, `<bos>`, ...) become their ids, as in
   transformers; SentencePiece alone would spell them out character by character.
 - `encode(..., max_tokens=N)` refuses a prompt longer than the fuzzer's prompt bound.
-- `tiny_tokenizer()` (fuzz.engine.tokenizer_build) builds a small, deterministic SentencePiece
+- `tiny_tokenizer()` (fuzz.engine.tokenizer.build) builds a small, deterministic SentencePiece
   model in code for synthetic test models (no training, no file).
 
 Decoding renders control tokens as their literal text (transformers' default), so
@@ -100,7 +100,7 @@ class Tokenizer:
         `source` is a path or an open `gguf.GGUFReader` (pass the reader when the weights are
         read from the same file: parsing the metadata of a 262k-token vocabulary is the slow part).
         """
-        from .tokenizer_build import model_proto_from_gguf, open_gguf
+        from fuzz.engine.tokenizer.build import model_proto_from_gguf, open_gguf
 
         proto, add_bos = model_proto_from_gguf(open_gguf(source))
         return cls(serialized_proto=proto.SerializeToString(), add_bos=add_bos)

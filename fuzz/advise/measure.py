@@ -29,11 +29,11 @@ from typing import Any, Optional
 
 import torch
 
-from .corpus import Corpus
-from .generate import Bounds, PromptSpec, generate
-from .precision import POLICIES, PrecisionPolicy
-from .replay import case_bounds, case_spec
-from .session import Session
+from fuzz.corpus import Corpus
+from fuzz.corpus.replay import case_bounds, case_spec
+from fuzz.generate import Bounds, PromptSpec, generate
+from fuzz.precision import POLICIES, PrecisionPolicy
+from fuzz.session import Session
 
 # Greedy continuations identical to float32's on at least this share of the sampled runs. Why 90%:
 # a policy that changes one answer in ten is a different model to its users; below that the
@@ -53,7 +53,7 @@ def draw_prompts(n: int, seed: int, max_chars: int = 200) -> list[str]:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
-    from .strategies import prompts
+    from fuzz.strategies import prompts
 
     out: list[str] = []
 

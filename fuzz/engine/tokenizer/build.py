@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from .tokenizer import SPACE_SYMBOL, PieceType, Tokenizer
+from fuzz.engine.tokenizer import SPACE_SYMBOL, PieceType, Tokenizer
 
 if TYPE_CHECKING:
     import gguf
@@ -44,7 +44,7 @@ def open_gguf(source: str | os.PathLike[str] | gguf.GGUFReader) -> gguf.GGUFRead
 
     # Imported here, not at the top: the weights package imports torch, which a tokenizer from
     # a .model file or tiny_tokenizer() never needs.
-    from .weights import open_gguf_reader
+    from fuzz.engine.weights import open_gguf_reader
 
     if isinstance(source, gguf.GGUFReader):
         return source
@@ -60,7 +60,7 @@ def open_gguf(source: str | os.PathLike[str] | gguf.GGUFReader) -> gguf.GGUFRead
 def _gguf_field(reader: gguf.GGUFReader, key: str, required: bool = True) -> object:
     """A metadata value (a scalar, a str, or a list for arrays: the weights' gguf_field_value);
     None when the key is absent and not `required`."""
-    from .weights import gguf_field_value  # here, not at the top: see open_gguf
+    from fuzz.engine.weights import gguf_field_value  # here, not at the top: see open_gguf
 
     if key not in reader.fields:
         if required:

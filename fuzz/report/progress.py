@@ -12,10 +12,10 @@ import sys
 import time
 from typing import Any, Optional
 
-from .report import RunSummary
-from .report.commands import add_command
-from .report.describe import fmt_headroom
-from .report.text import unmeasured_text
+from fuzz.report import RunSummary
+from fuzz.report.commands import add_command
+from fuzz.report.describe import fmt_headroom
+from fuzz.report.text import unmeasured_text
 
 
 class Progress:

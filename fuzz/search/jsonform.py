@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..verdict import Verdict, from_json_safe
+from fuzz.verdict import Verdict, from_json_safe
 
 
 def need(d: dict[str, Any], key: str, where: str) -> Any:

@@ -5,9 +5,9 @@ fuzz.probe.Probe:
 - the built-in engine (fuzz.engine.model.GemmaForCausalLM): its forward takes a Recorder; a
   pre-hook hands it the probe (teed with the caller's own recorder when one is passed), so the
   sites are exactly those fuzz.generate sees;
-- google/gemma_pytorch's `gemma.model.GemmaForCausalLM` (also inside fuzz.engine.upstream's
-  UpstreamEngine): module hooks, fuzz.engine.upstream_hooks.HookProbe;
-- a transformers Gemma causal LM: module hooks, fuzz.engine.transformers_hooks.
+- google/gemma_pytorch's `gemma.model.GemmaForCausalLM` (also inside fuzz.engine.upstream.engine's
+  UpstreamEngine): module hooks, fuzz.engine.upstream.hooks.HookProbe;
+- a transformers Gemma causal LM: module hooks, fuzz.engine.transformers.hooks.
 Around each forward of the model itself, a pre-hook calls `begin(StepInputs)` with the input
 token ids, their positions and which columns are real (not padding), and a post-hook calls
 `end()`; hooks stay registered from attach() to detach().
@@ -24,11 +24,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .engine.config import GemmaConfig
-from .engine.model import GemmaForCausalLM as BuiltinModel
-from .engine.upstream_hooks import HookProbe
-from .generate import Tee
-from .probe import Probe
+from fuzz.engine.config import GemmaConfig
+from fuzz.engine.model import GemmaForCausalLM as BuiltinModel
+from fuzz.engine.upstream.hooks import HookProbe
+from fuzz.generate import Tee
+from fuzz.probe import Probe
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class TransformersAttachment(Attachment):
     kind = "transformers"
 
     def __init__(self, model: nn.Module, probe: Probe, begin: Begin, end: End) -> None:
-        from .engine.transformers_hooks import TransformersHookProbe
+        from fuzz.engine.transformers.hooks import TransformersHookProbe
 
         hooks = TransformersHookProbe(model, probe, last_only=False)
         super().__init__(model, probe, begin, end, hooks.last)  # the text model's layer count
@@ -185,7 +185,7 @@ def attachment_for(model: Any, probe: Probe, begin: Begin, end: End) -> Attachme
     """The attachment for `model`, or TypeError naming what was given and what is supported."""
     if isinstance(model, BuiltinModel):
         return BuiltinAttachment(model, probe, begin, end, model.config.num_hidden_layers)
-    upstream_model = getattr(model, "upstream_model", None)  # fuzz.engine.upstream's adapter
+    upstream_model = getattr(model, "upstream_model", None)  # fuzz.engine.upstream.engine's adapter
     if upstream_model is not None and isinstance(getattr(model, "config", None), GemmaConfig):
         return UpstreamAttachment(upstream_model, model.config, probe, begin, end)
     if _is_upstream(model):

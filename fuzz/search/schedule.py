@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .precision import PrecisionPolicy
+from fuzz.precision import PrecisionPolicy
 
 UNSAFE_WEIGHT = 3.0
 TAIL_S = 60.0  # the most the job runs past its budget, report included

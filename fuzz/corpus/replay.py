@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-from .corpus import Case, Corpus, LoadedCase, short_label
-from .engine.zoo import ModelNotInstalled, is_installed, is_zoo_name
-from .generate import Bounds, PromptSpec
-from .precision import POLICIES
-from .session import ModelOptions, Session
-from .verdict import NonFinite, Verdict
+from fuzz.corpus import Case, Corpus, LoadedCase, short_label
+from fuzz.engine.zoo import ModelNotInstalled, is_installed, is_zoo_name
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.precision import POLICIES
+from fuzz.session import ModelOptions, Session
+from fuzz.verdict import NonFinite, Verdict
 
 Expectation = Literal["finite", "reproduce"]
 

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional
 
-from .corpus import Signature
-from .engine.kernels import kernel
-from .generate import Bounds, PromptSpec
-from .verdict import Verdict
+from fuzz.corpus import Signature
+from fuzz.engine.kernels import kernel
+from fuzz.generate import Bounds, PromptSpec
+from fuzz.verdict import Verdict
 
 if TYPE_CHECKING:
-    from .session import Session
+    from fuzz.session import Session
 
 
 def deletion_candidates(text: str, chunk: int) -> list[str]:
@@ -28,7 +28,8 @@ def deletion_candidates(text: str, chunk: int) -> list[str]:
 
 
 # What else a smaller prompt must keep besides the signature, judged on its canonical (alone)
-# verdict: fuzz.robustness keeps the margin and every kernel variation, so that minimizing cannot
+# verdict: fuzz.shrink.robustness keeps the margin and every kernel variation, so that minimizing
+# cannot
 # walk a case to the edge of the limit.
 Keeps = Callable[[PromptSpec, Verdict], bool]
 

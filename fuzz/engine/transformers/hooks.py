@@ -1,9 +1,9 @@
-"""Probing a transformers Gemma causal LM through module hooks (fuzz.engine.transformers_engine).
+"""Probing a transformers Gemma causal LM through module hooks (fuzz.engine.transformers.engine).
 
 `TransformersHookProbe` registers forward hooks and pre-hooks on a transformers Gemma, Gemma 2,
 Gemma 3 (text), Gemma 3n (text) or Gemma 4 (text) causal LM and reports to a Recorder
 (fuzz.engine.interface) with the built-in engine's site names, layer indices and order, as
-fuzz.engine.upstream_hooks does for google/gemma_pytorch:
+fuzz.engine.upstream.hooks does for google/gemma_pytorch:
 
 - layer -1 'embedding': `model.embed_tokens`'s output (transformers scales inside that module);
 - per layer, in execution order: 'input_layernorm', 'qkv' (q_proj, k_proj and v_proj outputs
@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import ModuleHooks
-from .interface import Recorder
+from fuzz.engine.hooks import ModuleHooks
+from fuzz.engine.interface import Recorder
 
 GEMMA_1, SANDWICH, GEMMA_3N, GEMMA_4 = "gemma1", "sandwich", "gemma3n", "gemma4"
 

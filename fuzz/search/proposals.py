@@ -1,7 +1,7 @@
 """Gradient-guided proposals: single-token swaps that push a near miss toward float16's limit.
 
 A near miss is a prompt whose float16 run stayed finite but came close to 65504 at some content
-site. Random edits of it (fuzz.search.mutate_nearest) do not know which token matters; the
+site. Random edits of it (fuzz.search.round.mutate_nearest) do not know which token matters; the
 gradient does. HotFlip (Ebrahimi et al. 2018): with L the worst site's max |x| and e_i the input
 embedding at position i, swapping token i for token v changes L by about (e_v - e_i) . dL/de_i,
 so one forward + backward scores every (position, token) pair at once, and for all v the scores
@@ -51,14 +51,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .engine.interface import prompt_batch
-from .engine.model import GemmaForCausalLM
-from .precision import get_policy
-from .probe import abs_max
-from .report.describe import min_headroom_site
-from .session import Session
-from .strategies.vocabulary import text_piece_ids
-from .verdict import Verdict
+from fuzz.engine.interface import prompt_batch
+from fuzz.engine.model import GemmaForCausalLM
+from fuzz.precision import get_policy
+from fuzz.probe import abs_max
+from fuzz.report.describe import min_headroom_site
+from fuzz.session import Session
+from fuzz.strategies.vocabulary import text_piece_ids
+from fuzz.verdict import Verdict
 
 # Candidates decoded (best score first) before giving up on finding k that survive
 # re-tokenization: each costs one decode + one encode (tens of microseconds); measured on Gemma
@@ -327,11 +327,13 @@ class _GradCapture:
 
 @dataclass
 class Proposer:
-    """The gradient arm of the search (fuzz.search.round_strategy): at each round's start, swaps
+    """The gradient arm of the search (fuzz.search.round.round_strategy): at each round's start,
+    swaps
     proposed for the `per_round` nearest misses not proposed from yet, kept across rounds (the
     newest `keep`), so that a round screens them as they are beside fresh draws and mutants.
 
-    Only the built-in engine has the gradients (fuzz.proposals.swap_scores); other engines, and
+    Only the built-in engine has the gradients (fuzz.search.proposals.swap_scores); other engines,
+    and
     a near miss that has nothing to edit, get no proposals."""
 
     session: Session

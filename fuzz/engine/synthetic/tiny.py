@@ -9,7 +9,7 @@
   the residual add of that layer overflows at the trigger's position, while bfloat16, float32 and
   the mitigated policies stay finite. Its minimal trigger is known: the prompt "7".
 The digit-run family (`tiny-digit-run-N`, a trigger that is hard to find by chance) lives in
-fuzz.engine.planted.
+fuzz.engine.synthetic.planted.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .config import Architecture, AttentionType, GemmaConfig
-from .loaded import LoadedModel, fingerprint, state_hash
-from .model import parameter_shapes
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
+from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
+from fuzz.engine.model import parameter_shapes
 
 PLANTED_LAYER = 2
 PLANTED_CHANNEL = 0
@@ -110,7 +110,7 @@ def synthetic_model(name: str, config: GemmaConfig, state: dict[str, torch.Tenso
 def tiny_model(name: str, architecture: Architecture = Architecture.GEMMA_3,
                planted: bool = False) -> LoadedModel:
     """The zoo's tiny models: random weights (seed TINY_SEED), the tiny tokenizer."""
-    from .tokenizer_build import tiny_tokenizer
+    from fuzz.engine.tokenizer.build import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = tiny_config(architecture, vocab_size=tok.n_words)

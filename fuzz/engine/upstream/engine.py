@@ -31,7 +31,7 @@ rec=None, last_only=True)` (also as a call), `new_cache(batch, max_len)`, `.dtyp
   describes, as the built-in one does.
 
 Probing (`rec`, fuzz.engine.model.Recorder) uses forward hooks on upstream's modules, registered
-for one forward only: fuzz.engine.upstream_hooks.
+for one forward only: fuzz.engine.upstream.hooks.
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AttentionType, GemmaConfig
-from .interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Recorder
-from .upstream_hooks import HookProbe
+from fuzz.engine.config import AttentionType, GemmaConfig
+from fuzz.engine.interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Recorder
+from fuzz.engine.upstream.hooks import HookProbe
 
 INSTALL_HINT = ("install google/gemma_pytorch from its repository "
                 "(pip install git+https://github.com/google/gemma_pytorch)")

@@ -2,7 +2,7 @@
 
 Our GemmaConfig (upstream's fields) cannot describe these architectures, so each model is a
 transformers config plus float32 weights under transformers' names (a
-fuzz.engine.transformers_build.TransformersSource on the LoadedModel); the built-in and upstream
+fuzz.engine.transformers.build.TransformersSource on the LoadedModel); the built-in and upstream
 engines refuse them (fuzz.engine.loaded). They run in milliseconds on 2 cores and cover what the
 architectures add over Gemma 3 (see the configs in transformers' configuration_gemma3n.py and
 configuration_gemma4.py):
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .config import Architecture
-from .loaded import LoadedModel, fingerprint, state_hash
-from .synthetic import PLANTED_CHANNEL, PLANTED_TRIGGER, TINY_SEED, tiny_config
-from .transformers_build import TransformersSource, causal_lm_class, import_transformers
+from fuzz.engine.config import Architecture
+from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
+from fuzz.engine.synthetic.tiny import PLANTED_CHANNEL, PLANTED_TRIGGER, TINY_SEED, tiny_config
+from fuzz.engine.transformers.build import TransformersSource, causal_lm_class, import_transformers
 
 PLANTED_LAYER = 1
 LAYERS = 4
@@ -129,7 +129,7 @@ def _loaded(name: str, family: str, hf: Any, state: dict[str, torch.Tensor],
 
 def tiny_transformers_model(name: str) -> LoadedModel:
     """`tiny-gemma3n`, `tiny-gemma4` or `tiny-gemma4-planted` (module docstring)."""
-    from .tokenizer_build import tiny_tokenizer
+    from fuzz.engine.tokenizer.build import tiny_tokenizer
 
     tok = tiny_tokenizer()
     if name == "tiny-gemma3n":

@@ -7,7 +7,7 @@ and its nearest misses (the finite examples with the lowest content headroom).
 JSON is the summary itself (strict JSON: inf/nan as strings, see fuzz.verdict.json_safe), so a
 later tool can re-render or compare runs: ``RunSummary.from_json(path.read_text())``. Verdicts are
 stored without their derived headroom table, and read back with json_safe's inverse applied to
-numeric fields only (fuzz.report.jsonform).
+numeric fields only (fuzz.search.jsonform).
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..verdict import Verdict, from_json_safe, json_safe
-from .jsonform import need, verdict_from_dict, verdict_to_dict
+from fuzz.search.jsonform import need, verdict_from_dict, verdict_to_dict
+from fuzz.verdict import Verdict, from_json_safe, json_safe
 
 # "marginal": failed here, but not under every kernel variation or below the margin a regression
-# case needs (fuzz.robustness): reported, not saved.
+# case needs (fuzz.shrink.robustness): reported, not saved.
 # fuzz.corpus.SaveStatus, 'marginal' (measured: not a regression case) or 'unmeasured' (the
-# budget ended before its kernel variations were measured: not saved, see fuzz.schedule)
+# budget ended before its kernel variations were measured: not saved, see fuzz.search.schedule)
 FINDING_STATUSES = ("saved", "known-signature", "duplicate-file", "marginal", "unmeasured")
 STOP_REASONS = ("budget", "interrupted", "error")
 NEAREST_MISSES = 5
@@ -51,7 +51,8 @@ class Finding:
     # "shrunk" (by Hypothesis, then minimized), "cut" (found when the budget left no time to
     # minimize: measured and saved as found), or "interrupted" (the run was stopped)
     how: str = "shrunk"
-    # fuzz.margin.Margin.to_dict() and fuzz.robustness.Robustness.to_dict() of the saved prompt
+    # fuzz.margin.Margin.to_dict() and fuzz.shrink.robustness.Robustness.to_dict() of the saved
+    # prompt
     margin: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
     # fuzz.positions.PositionMap.to_dict() of the saved prompt (the finding's heat map), when
@@ -127,7 +128,8 @@ class ModeCounts:
     best_headroom: float = math.inf  # content, against the policy's own dtype
     best_float16_headroom: float = math.inf  # content, against float16's 65504
     seconds: float = 0.0  # wall time the job spent searching this mode
-    # every prompt failed under one known signature at the BOS position (fuzz.search): given up
+    # every prompt failed under one known signature at the BOS position (fuzz.search.round): given
+    # up
     saturated: bool = False
     _marginal_seen: set = field(default_factory=set, repr=False, compare=False)
 
@@ -177,7 +179,7 @@ class PolicySummary:
     def for_policy(cls, name: str, bos_modes: Sequence[bool] = ()) -> PolicySummary:
         """An empty summary for a policy of fuzz.precision (imports torch), to be run in
         `bos_modes` (more are added as observed)."""
-        from ..precision import get_policy
+        from fuzz.precision import get_policy
 
         policy = get_policy(name)
         return cls(policy=policy.name, dtype=str(policy.dtype).removeprefix("torch."),
@@ -210,7 +212,7 @@ class PolicySummary:
         counts.best_headroom = min(counts.best_headroom, headroom)
         counts.best_float16_headroom = min(counts.best_float16_headroom,
                                            verdict.float16_headroom())
-        # `keep` nearest misses per BOS mode: each mode's round edits its own (fuzz.search).
+        # `keep` nearest misses per BOS mode: each mode's round edits its own (fuzz.search.round).
         mine = [m for m in self.nearest_misses if m.add_bos == verdict.add_bos]
         if len(mine) >= keep and headroom >= mine[-1].min_headroom(content_only=True):
             return  # the common case in a long run: no sort, no table walk per kept verdict

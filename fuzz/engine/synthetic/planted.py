@@ -1,11 +1,13 @@
 """Synthetic Gemma 3 models with planted float16 overflows that are hard to find by chance.
 
-`tiny-planted` (fuzz.engine.synthetic) overflows on one token ("7"): any search finds it at once.
+`tiny-planted` (fuzz.engine.synthetic.tiny) overflows on one token ("7"): any search finds it at
+once.
 The family here overflows on a *run of at least `run` consecutive digit tokens* (with BOS on), so
 that random prompts rarely trigger it while the distance to the trigger is visible: max |x|
 grows smoothly with the number of digits in the window, so headroom can guide a search.
 
-How it is planted (on the tiny Gemma 3 of fuzz.engine.synthetic: hidden 64, 4 layers, layer 0 local
+How it is planted (on the tiny Gemma 3 of fuzz.engine.synthetic.tiny: hidden 64, 4 layers, layer 0
+local
 with a sliding window of exactly `run` tokens; four dedicated residual channels):
 
 - Embeddings. Every non-digit row has RMS exactly 1 and holds 1 in BIAS_CHANNEL; every digit
@@ -22,7 +24,7 @@ with a sliding window of exactly `run` tokens; four dedicated residual channels)
   in float16). The residual add at a digit adds B(f) to the digit's own 8 D.
 - 8 D + B(f) crosses float16's limit between f = (run-1)/run and f = 1: the near miss sums to
   65440 (two float16 ulps under the limit) and a full run to at least 2% past it, the margin a
-  regression case needs (fuzz.robustness.MIN_MARGIN), so a planted finding is saved like any
+  regression case needs (fuzz.shrink.robustness.MIN_MARGIN), so a planted finding is saved like any
   other; that caps the run at 41 digits. f = 1 needs
   `run` digits in a full window, i.e. a run of `run` consecutive digits; with BOS, a shorter
   prompt's window holds BOS, which is not a digit, so f < 1 there too.
@@ -45,9 +47,9 @@ from typing import Any
 
 import torch
 
-from .config import Architecture, AttentionType, GemmaConfig
-from .loaded import LoadedModel
-from .synthetic import random_state, synthetic_model, tiny_config
+from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
+from fuzz.engine.loaded import LoadedModel
+from fuzz.engine.synthetic.tiny import random_state, synthetic_model, tiny_config
 
 COUNT_CHANNEL = 0  # where the overflow happens: the digit's base plus the counting branch
 DIGIT_CHANNEL = 1  # 1 at digits (after layer 0's input norm), 0 elsewhere
@@ -61,7 +63,8 @@ POST_NORM_GAIN = 32769.0  # (1 + w) with w = 2**15, exact in float16 and bfloat1
 BRANCH_TOP = 64000.0  # B(1): the counting branch at a full window of digits (< 65504)
 FLOAT16_MAX = 65504.0
 NEAR_MISS_SUM = 65440.0  # the near miss (run - 1 digits): two float16 ulps under the limit
-# The trigger passes the limit by at least fuzz.robustness.MIN_MARGIN (2%), plus two ulps for the
+# The trigger passes the limit by at least fuzz.shrink.robustness.MIN_MARGIN (2%), plus two ulps
+# for the
 # rounding of its two terms: a planted finding is a regression case like any other.
 TRIGGER_RATIO = 1.02
 TERM_ROUNDING = 64.0
@@ -198,7 +201,7 @@ def _counting_attention(state: dict[str, torch.Tensor], config: GemmaConfig,
 
 def digit_run_model(run: int, seed: int = DEFAULT_SEED) -> LoadedModel:
     """A tiny Gemma 3 whose float16 run overflows exactly on a run of >= `run` digits (BOS on)."""
-    from .tokenizer_build import tiny_tokenizer
+    from fuzz.engine.tokenizer.build import tiny_tokenizer
 
     plan = plan_digit_run(run)
     tok = tiny_tokenizer()

@@ -1,0 +1,2 @@
+"""google/gemma_pytorch itself as an engine (`--engine upstream`): ``engine`` adapts its
+GemmaForCausalLM to the generation loop, ``hooks`` probes it with the built-in site names."""
