@@ -2,8 +2,7 @@
 
 Four findings of a fuzz run on the real Gemma 3 270M (FINDINGS: float16, BOS off, the prompts as
 the search met them, before any minimizing), each taken to its case by fuzz.shrink.robustness's
-finalize
-in three ways, side by side in one run:
+finalize in three ways, side by side in one run:
   every deletion   the kernel variations (fuzz.shrink.robustness.check_robustness: alone and
   batched,
                    1 and 2 threads, native and float32-accumulated products) checked on every
@@ -29,10 +28,11 @@ from _common import print_header, print_table
 
 import fuzz.shrink.robustness
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec
+from fuzz.margin import passes_margin
 from fuzz.session import Session
 from fuzz.shrink.minimize import minimize_text
-from fuzz.shrink.robustness import assess, finalize, passes_margin
+from fuzz.shrink.robustness import assess, finalize
+from fuzz.verdict import Bounds, PromptSpec
 
 POLICY = "float16"
 # Met by bench_search_real.py's random searcher (seed 1, 2026-12-05; the second while Hypothesis

@@ -17,11 +17,11 @@ from _common import print_header, print_table
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.long import LONG_BATCH_SIZE, long_bounds, long_strategy
 from fuzz.positions import session_position_map
 from fuzz.session import ModelOptions, Session
 from fuzz.strategies import SLIDING_WINDOW
+from fuzz.verdict import PromptSpec
 
 
 def draw(session: Session, n: int, seed: int) -> list[str]:
@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     print_header(f"long generations, gemma3-270m, {args.policy}, no BOS, {args.prompts} prompts "
                  f"(seed {args.seed})")
-    session = Session.open(ModelOptions("gemma3-270m", device="cpu"), long_bounds(Bounds()),
+    session = Session.open(ModelOptions("gemma3-270m", device="cpu"), long_bounds(),
                            batch_size=LONG_BATCH_SIZE)
     specs = [PromptSpec(t, add_bos=False) for t in draw(session, args.prompts, args.seed)]
     rows, alone_s = [], 0.0

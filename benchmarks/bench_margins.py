@@ -1,15 +1,14 @@
 """How far past the float16 limit do raw findings go, and which of them flip between kernels?
 
 The measurement behind fuzz.shrink.robustness.MIN_MARGIN. On the real Gemma 3 270M, float16 without
-BOS
-(the mode where findings depend on the prompt), it screens prompts drawn from the default strategy
-plus random edits of the nearest misses (fuzz.search.round.mutate), and for every prompt that
+BOS (the mode where findings depend on the prompt), it screens prompts drawn from the default
+strategy plus random edits of the nearest misses (fuzz.search.round.mutate), and for every prompt
+that
 overflows
 alone (a raw finding) it records the margin (the unrounded sum at the first non-finite residual
 add over 65504, fuzz.probe) and runs every kernel variation of fuzz.shrink.robustness (alone /
-inside a
-mixed batch, 1 / all threads). It then minimizes some findings WITHOUT any margin constraint, as
-the suite did before, to show where minimizing walks.
+inside a mixed batch, 1 / all threads). It then minimizes some findings WITHOUT any margin
+constraint, as the suite did before, to show where minimizing walks.
 
 Output: per margin band, how many raw findings there were and how many held under every
 variation (same signature everywhere); the fraction that would be marginal at MIN_MARGIN.
@@ -24,11 +23,12 @@ from _common import print_header, print_table
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from fuzz.generate import Bounds, PromptSpec
+from fuzz.margin import MIN_MARGIN
 from fuzz.session import ModelOptions, Session
 from fuzz.shrink.minimize import minimize_text
-from fuzz.shrink.robustness import MIN_MARGIN, check_robustness
+from fuzz.shrink.robustness import check_robustness
 from fuzz.strategies import prompts
+from fuzz.verdict import Bounds, PromptSpec
 
 POLICY = "float16"
 BANDS = (1.0, 1.005, 1.01, 1.02, 1.05, float("inf"))

@@ -35,10 +35,9 @@ import time
 from _common import print_header, print_table
 from bench_margins import draw
 
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.search.proposals import random_swaps, rank_swaps
 from fuzz.session import ModelOptions, Session
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Verdict
 
 POLICY = "float16"
 

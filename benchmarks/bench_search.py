@@ -53,13 +53,13 @@ from fuzz.engine.synthetic.planted import (
     longest_digit_run,
     minimal_trigger,
 )
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.search.accounting import PolicySummary
 from fuzz.search.proposals import Proposer
 from fuzz.search.round import BudgetExhausted, NewSignature, RoundOver, Search, round_strategy
 from fuzz.session import Session
 from fuzz.shrink.robustness import finalize
 from fuzz.strategies import prompts
+from fuzz.verdict import Bounds, PromptSpec
 
 POLICY = "float16"
 SEARCHERS = ("random", "targeted", "default", "gradient")

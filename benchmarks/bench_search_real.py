@@ -33,10 +33,10 @@ import fuzz.run
 import fuzz.search.round
 from fuzz.corpus import Corpus
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds
 from fuzz.precision import parse_policies
 from fuzz.run import FuzzJob
 from fuzz.session import Session
+from fuzz.verdict import Bounds
 
 SEARCHERS = ("random", "default", "gradient")
 

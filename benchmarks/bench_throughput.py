@@ -33,16 +33,15 @@ import torch
 import torch.nn.functional as F
 from _common import print_header, print_table
 
-from fuzz.corpus import Signature
 from fuzz.engine.config import AttentionType, GemmaConfig
 from fuzz.engine.interface import Batch, prompt_batch
 from fuzz.engine.kernels import KERNELS, kernel
 from fuzz.engine.upstream.engine import upstream_available
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec, encode_prompt
+from fuzz.generate import encode_prompt
 from fuzz.precision import get_policy
 from fuzz.session import Session, resolve_device
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
 MODEL = "gemma3-270m"
 

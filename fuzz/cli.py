@@ -1,10 +1,19 @@
-"""`python -m fuzz …` (also `gemma-fuzz`): check, add, replay, run. Contracts: docs/DESIGN.md.
+"""`python -m fuzz …` (also `gemma-fuzz`): find the prompts that make Gemma produce NaN/Inf.
 
-Exit codes: check 0 finite, 1 non-finite, 3 inconclusive (the time limit stopped the run);
-add 0 saved (or already covered), 1 refused (finite, inconclusive, or marginal); replay 1 on a
-regression or a case that no longer reproduces; run 1 when a policy declared safe went
-non-finite (or, with --fail-on-new, when a new case was saved), 130 when interrupted; every
-command 2 on bad input or another error, with a message that names it.
+Commands: run (the fuzz job), check (one prompt), add (save a prompt as a case), minimize (finish
+cases whose minimizing was cut), replay (the corpus as regression tests), compare (engines side by
+side), advise (which policy to ship). Contracts: docs/DESIGN.md.
+
+Exit codes:
+  run      0 ran to its budget, 1 a policy declared safe went non-finite (or, with
+           --fail-on-new, a new case was saved), 130 interrupted
+  check    0 finite, 1 non-finite, 3 inconclusive (the time limit stopped the run)
+  add      0 saved (or already covered), 1 refused (finite, inconclusive, or marginal)
+  minimize 0 every cut case finished or still holding, 1 a case no longer fails
+  replay   0 every check passed, 1 a regression or a case that no longer reproduces
+  compare  0 every engine agrees, 1 one diverges
+  advise   0 with a recommendation, 1 without one
+  every command: 2 on bad input or another error, with a message that names it.
 """
 from __future__ import annotations
 
@@ -16,14 +25,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from fuzz.corpus import Corpus
+from fuzz.corpus import Case, Corpus
 from fuzz.engine.loaded import ENGINES
-from fuzz.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds, PromptSpec
+from fuzz.long import LONG_BATCH_SIZE, LONG_MAX_NEW_TOKENS, profile_bounds
 from fuzz.precision import POLICIES
-from fuzz.session import ModelOptions, Session
-from fuzz.verdict import json_safe
+from fuzz.session import DEFAULT_BATCH_SIZE, ModelOptions, Session
+from fuzz.strategies.long import LONG_MAX_PROMPT_TOKENS
+from fuzz.verdict import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    Bounds,
+    PromptSpec,
+    json_safe,
+)
 
 DEFAULT_CORPUS = "corpus"
+# Examples per round of one mode. Hypothesis runs one hill-climbing pass on target() after half
+# of max_examples (at least 10) when max_examples < 1000 (its engine's _next_optimise_at): 40 gives
+# every round 20 drawn examples and a climb from the best of them, then hands back to the
+# schedule, so modes take turns within their shares (fuzz.search.schedule).
+ROUND_EXAMPLES = 40
 DEFAULT_MODEL = "gemma3-270m"
 EXIT = {"finite": 0, "nonfinite": 1, "error": 2, "inconclusive": 3}
 
@@ -62,10 +83,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
 
 
-def _bounds_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
-    p.add_argument("--no-bos", action="store_true", help="feed the prompt without BOS")
+def _bounds_args(p: argparse.ArgumentParser, bos: bool = True) -> None:
+    # Default None: whether the user gave a bound must not be guessed by comparing with a
+    # default (an explicit value equal to it must win over a profile's: fuzz.long).
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"decode steps after the prompt (default {DEFAULT_MAX_NEW_TOKENS}; "
+                        f"{LONG_MAX_NEW_TOKENS} with --long where there is one)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help=f"the longest prompt in tokens, BOS included (default "
+                        f"{DEFAULT_MAX_PROMPT_TOKENS}; {LONG_MAX_PROMPT_TOKENS} with --long)")
+    if bos:
+        p.add_argument("--no-bos", action="store_true", help="feed the prompt without BOS")
 
 
 def _prompt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -78,7 +106,7 @@ def _prompt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _margin_arg(p: argparse.ArgumentParser) -> None:
-    from fuzz.shrink.robustness import MIN_MARGIN
+    from fuzz.margin import MIN_MARGIN
 
     p.add_argument("--min-margin", type=float, default=MIN_MARGIN,
                    help=f"the least unrounded-sum / limit ratio a finding needs to become a "
@@ -93,8 +121,21 @@ def _options(args: argparse.Namespace, model: Optional[str] = None) -> ModelOpti
                         args.tokenizer, kind, args.device)
 
 
-def _bounds(args: argparse.Namespace) -> Bounds:
-    return Bounds(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
+def bounds_from_args(args: argparse.Namespace) -> Bounds:
+    """The bounds the options give, the profile's defaults (fuzz.long) for the rest."""
+    return profile_bounds(bool(getattr(args, "long", False)), args.max_new_tokens,
+                          args.max_prompt_tokens)
+
+
+def refuse_options(args: argparse.Namespace, given_with: str, options: dict[str, str],
+                   why: str) -> None:
+    """An option that cannot apply is an error, not silently ignored: InputError naming every
+    such option given (dest -> how the user spells it) and why it cannot apply."""
+    given = [flag for dest, flag in options.items() if getattr(args, dest, None) not in
+             (None, False)]
+    if given:
+        raise InputError(f"{', '.join(given)} cannot be used with {given_with}: {why}; drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -125,7 +166,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fuzz.precision import get_policy
     from fuzz.report.table import format_verdict
 
-    session = Session.open(_options(args), _bounds(args))
+    session = Session.open(_options(args), bounds_from_args(args))
     spec = PromptSpec(read_prompt(args), add_bos=not args.no_bos, chat=args.chat)
     verdict = session.check(spec, args.policy)
     margin = None
@@ -156,11 +197,17 @@ def cmd_add(args: argparse.Namespace) -> int:
     from fuzz.shrink.robustness import assess
 
     if args.from_case:
+        # The case says what to run: its prompt, policy, BOS mode, chat flag and bounds.
+        refuse_options(args, "--from-case", {
+            "policy": "--policy", "prompt": "--prompt", "prompt_file": "--prompt-file",
+            "no_bos": "--no-bos", "chat": "--chat", "max_new_tokens": "--max-new-tokens",
+            "max_prompt_tokens": "--max-prompt-tokens"},
+            "the case file gives the prompt, policy, BOS mode, chat flag and bounds")
         old = read_old_case(Path(args.from_case))
         # A file model's case names it by its recorded path; a zoo case by its name.
         model = args.model or old.get("model_location") or old["model"]
         policy, add_bos, chat = old["policy"], old["add_bos"], old["chat"]
-        text = old["prompt"]
+        text, bounds = old["prompt"], case_file_bounds(old, Path(args.from_case))
     else:
         if args.policy is None:
             raise InputError("add needs --policy P (or --from-case FILE)")
@@ -168,8 +215,8 @@ def cmd_add(args: argparse.Namespace) -> int:
             raise InputError("add needs --prompt TEXT, --prompt -, --prompt-file FILE or "
                              "--from-case FILE")
         policy, model, add_bos, chat = args.policy, None, not args.no_bos, args.chat
-        text = read_prompt(args)
-    session = Session.open(_options(args, model), _bounds(args))
+        text, bounds = read_prompt(args), bounds_from_args(args)
+    session = Session.open(_options(args, model), bounds)
     session.min_margin = args.min_margin
     assessment = assess(session, PromptSpec(text, add_bos=add_bos, chat=chat), policy)
     verdict = assessment.verdict
@@ -183,7 +230,7 @@ def cmd_add(args: argparse.Namespace) -> int:
               "reproduce on every machine, so it is no regression case; nothing saved. "
               "--allow-marginal saves it anyway, flagged.", file=sys.stderr)
         return 1
-    case = assessment.case(session, strategy="manual")
+    case = Case.of_assessment(session, assessment, strategy="manual")
     result = Corpus(Path(args.corpus)).save(case, force=args.force)
     first = verdict.first_nonfinite
     print(f"{result.status}: {result.path}  ({policy}: {first.kind} at step {first.step}, "
@@ -193,6 +240,17 @@ def cmd_add(args: argparse.Namespace) -> int:
         print("  this signature is already covered by: "
               + ", ".join(str(p) for p in result.existing) + " (use --force to add it anyway)")
     return 0
+
+
+def case_file_bounds(doc: dict[str, Any], path: Path) -> Bounds:
+    """The bounds a case file recorded (a case saved by `run --long` or by pytest's 8 steps
+    replays with its own); the defaults for a file that recorded none (schema 1)."""
+    recorded = doc.get("bounds") or {}
+    try:
+        return profile_bounds(False, recorded.get("max_new_tokens"),
+                              recorded.get("max_prompt_tokens"))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path}: its bounds {recorded!r} are not usable ({err})") from None
 
 
 def read_old_case(path: Path) -> dict[str, Any]:
@@ -207,19 +265,25 @@ def read_old_case(path: Path) -> dict[str, Any]:
     return {**doc, "chat": bool(doc.get("chat", False))}
 
 
-# --- replay ------------------------------------------------------------------------------------
+# --- compare -----------------------------------------------------------------------------------
 def cmd_compare(args: argparse.Namespace) -> int:
     from fuzz.compare import compare_main
 
+    if args.corpus is not None:  # every case runs with its own BOS mode, chat flag and bounds
+        refuse_options(args, "--corpus", {
+            "no_bos": "--no-bos", "chat": "--chat", "max_new_tokens": "--max-new-tokens",
+            "max_prompt_tokens": "--max-prompt-tokens"},
+            "every case runs with its own BOS mode, chat flag and bounds")
     given = args.prompt is not None or args.prompt_file is not None
     prompt = (PromptSpec(read_prompt(args), add_bos=not args.no_bos, chat=args.chat)
               if given else None)
     options = ModelOptions(args.model or DEFAULT_MODEL, args.variant, args.config,
                            args.tokenizer, device=args.device)
     return compare_main(options, args.engines, args.policy, prompt=prompt, corpus=args.corpus,
-                        bounds=_bounds(args))
+                        bounds=bounds_from_args(args))
 
 
+# --- replay ------------------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
     from fuzz.corpus.replay import replay_corpus
 
@@ -248,7 +312,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fuzz.run import FuzzJob
 
-    job = FuzzJob.from_args(args, _options(args), _bounds(args))
+    job = FuzzJob.from_args(args, _options(args), bounds_from_args(args))
     return job.main()
 
 
@@ -256,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_advise(args: argparse.Namespace) -> int:
     from fuzz.advise.report import main as advise_main
 
-    return advise_main(args, _options(args), _bounds(args))
+    return advise_main(args, _options(args), bounds_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bounds_args(p)
     p.add_argument("--policy", help=f"one of: {', '.join(POLICIES)}")
     _prompt_args(p, required=False)
-    p.add_argument("--from-case", help="re-measure the prompt, policy and BOS mode of this case "
-                                       "file (any schema: how older cases are upgraded)")
+    p.add_argument("--from-case", help="re-measure this case file's prompt under its policy, BOS "
+                                       "mode, chat flag and bounds (any schema: how older cases "
+                                       "are upgraded); --model may name where the model is now")
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--force", action="store_true", help="save even if the signature is known")
     p.add_argument("--allow-marginal", action="store_true",
@@ -318,22 +383,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="compare every case of the model in this corpus directory")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("run", help="the fuzz job: search until the budget ends")
+    p = sub.add_parser(
+        "run", help="the fuzz job: search until the budget ends",
+        description="The fuzz job: every policy in every BOS mode gets a share of the budget "
+                    "(unsafe policies 3x); Hypothesis draws prompts, steered toward content "
+                    "headroom and unknown signatures; each new kernel-robust signature is shrunk, "
+                    "minimized and saved to the corpus; a summary and a report at the end. Exit 0 "
+                    "ran to its budget, 1 a policy declared safe went non-finite (or --fail-on-new "
+                    "and a case was saved), 130 interrupted, 2 bad input.")
     _model_args(p)
     _bounds_args(p)
-    p.add_argument("--policies", default="all", help="comma-separated, or 'all'")
+    p.add_argument("--policies", default="all",
+                   help=f"comma-separated, or 'all' (the default): {', '.join(POLICIES)}")
     p.add_argument("--budget", type=parse_duration, default=parse_duration("8m"),
-                   help="how long to search, e.g. 90s, 10m, 2h (default 8m)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="how long to search, e.g. 90s, 10m, 2h (default 8m; the job ends at most "
+                        "60 s past it, report written)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="where cases are read (known signatures are not searched again) and new "
+                        "ones saved, as <corpus>/<model>/<case-id>.json (default "
+                        f"{DEFAULT_CORPUS})")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the rounds' draws: the same seed, code and example database "
+                        "draw the same prompts (default: from the clock; the report states it)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"prompts screened together: one Hypothesis example (default "
+                        f"{DEFAULT_BATCH_SIZE}; {LONG_BATCH_SIZE} with --long)")
     p.add_argument("--report", help="write the report here (.md, .html and .json side by side)")
     p.add_argument("--database", default=".hypothesis/fuzz-db",
                    help="Hypothesis example database: a directory, or redis://HOST:PORT/N to "
                         "share one between machines (pip install 'gemma-fuzz[redis]'); '' for "
                         "none")
-    p.add_argument("--round-examples", type=int, default=40,
-                   help="examples per Hypothesis round before switching policy/BOS mode")
+    p.add_argument("--round-examples", type=int, default=ROUND_EXAMPLES,
+                   help="examples per Hypothesis round before switching policy/BOS mode (default "
+                        f"{ROUND_EXAMPLES})")
     p.add_argument("--fail-on-new", action="store_true",
                    help="exit 1 when a new case was saved (findings are otherwise results)")
     _margin_arg(p)
@@ -343,14 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--long", action="store_true",
                    help="long generations: prompts of 513-1024 tokens (past Gemma 3's sliding "
-                        "window), 128 decode steps, batch size 2 (fuzz.long; an explicit "
-                        "--max-new-tokens, --max-prompt-tokens or --batch-size wins)")
+                        "window), 128 decode steps, batch size 2 (fuzz.long; --max-new-tokens, "
+                        "--max-prompt-tokens and --batch-size, when given, win)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("advise", help="measure every policy here and recommend one")
     _model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
+    _bounds_args(p, bos=False)
     p.add_argument("--corpus", default=None, help="also run every case of the model from this "
                                                   "corpus directory (e.g. corpus)")
     p.add_argument("--sample", type=int, default=32,

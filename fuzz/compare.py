@@ -24,11 +24,10 @@ from typing import Optional
 
 from fuzz.corpus import Corpus
 from fuzz.engine.loaded import ENGINES
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import get_policy
 from fuzz.report.describe import prompt_literal
 from fuzz.session import ModelOptions, Session
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Verdict
 
 
 @dataclass(frozen=True)

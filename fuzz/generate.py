@@ -17,12 +17,12 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 import numpy as np
 import torch
 
-from fuzz.engine.interface import RESIDUAL_SITES, Batch, Recorder
+from fuzz.engine.interface import RESIDUAL_SITES, Batch, Engine, Recorder, TokenizerLike
 from fuzz.probe import (
     CaptureResidual,
     Probe,
@@ -32,65 +32,7 @@ from fuzz.probe import (
     StepView,
     update_rows,
 )
-from fuzz.verdict import Verdict
-
-DEFAULT_MAX_NEW_TOKENS = 16  # gemma_pytorch#10 went NaN after ~13 decode steps
-DEFAULT_MAX_PROMPT_TOKENS = 96  # covers llama.cpp's 64-token kernel switch with room to spare
-DEFAULT_TIME_LIMIT_S = 120.0
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """What keeps every example bounded."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
-    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per generate() call
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-
-    def to_dict(self) -> dict[str, int]:
-        return {"max_new_tokens": self.max_new_tokens, "max_prompt_tokens": self.max_prompt_tokens}
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """A prompt as the user wrote it and how to feed it."""
-
-    text: str
-    add_bos: bool = True
-    chat: bool = False  # wrap in Gemma's chat template
-
-
-class Engine(Protocol):
-    """What generation needs of a model: the built-in one or the upstream adapter."""
-
-    config: object
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def new_cache(self, batch: int, max_len: int): ...
-
-    def __call__(self, batch: Batch, cache, rec: Optional[Recorder] = None,
-                 last_only: bool = True) -> torch.Tensor: ...
-
-
-class TokenizerLike(Protocol):
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
+from fuzz.verdict import Bounds, PromptSpec, Verdict
 
 
 class EmptyPrompt(ValueError):
@@ -162,14 +104,15 @@ class _Row:
 
 
 def generate(engine: Engine, tokenizer: TokenizerLike, specs: Sequence[PromptSpec],
-             policy: str, bounds: Bounds = Bounds(),
+             policy: str, bounds: Optional[Bounds] = None,
              extra_recorder: Optional[Recorder] = None) -> list[Verdict]:
     """Runs every prompt in one batch and returns one Verdict each, in order."""
+    bounds = bounds or Bounds()
     rows = [_Row(i, s, encode_prompt(tokenizer, s, bounds), RowState(s.add_bos), [])
             for i, s in enumerate(specs)]
     if not rows:
         return []
-    if len(rows) > 1 and not getattr(engine, "supports_padding", True):
+    if len(rows) > 1 and not engine.supports_padding:
         if len({len(r.ids) for r in rows}) > 1:
             raise ValueError("this engine cannot run padded batches: use batch size 1")
     table = _run(engine, tokenizer, rows, bounds, extra_recorder, stop_token_ids(tokenizer))

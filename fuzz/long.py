@@ -7,11 +7,11 @@ long case replays as long as it was found.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Optional
 
-from fuzz.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds
+from fuzz.session import DEFAULT_BATCH_SIZE
 from fuzz.strategies.long import LONG_MAX_PROMPT_TOKENS, SLIDING_WINDOW, long_prompts
+from fuzz.verdict import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds
 
 LONG_MAX_NEW_TOKENS = 128
 # Per generate() call. Measured on Gemma 3 270M, 2 shared CPU cores (README, "Long
@@ -21,24 +21,35 @@ LONG_TIME_LIMIT_S = 1800.0
 # Rows per batch: a long row's prefill is ~10x a default one's, and the KV cache of 1,152 slots
 # per row is what decode steps read; 2 rows keep a batch's latency near one row's.
 LONG_BATCH_SIZE = 2
-RUN_BATCH_SIZE = 8  # `fuzz run --batch-size`'s default: under --long, LONG_BATCH_SIZE replaces it
 
 
-def long_bounds(given: Bounds) -> Bounds:
-    """The long profile's bounds; a bound the user set away from its default wins."""
-    new = given.max_new_tokens
-    prompt = given.max_prompt_tokens
-    return dataclasses.replace(
-        given,
-        max_new_tokens=LONG_MAX_NEW_TOKENS if new == DEFAULT_MAX_NEW_TOKENS else new,
-        max_prompt_tokens=(LONG_MAX_PROMPT_TOKENS if prompt == DEFAULT_MAX_PROMPT_TOKENS
-                           else prompt),
-        time_limit_s=max(given.time_limit_s, LONG_TIME_LIMIT_S))
+def long_bounds(max_new_tokens: Optional[int] = None,
+                max_prompt_tokens: Optional[int] = None) -> Bounds:
+    """The long profile's bounds; a bound the user gave (not None) wins."""
+    return Bounds(
+        max_new_tokens=LONG_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+        max_prompt_tokens=LONG_MAX_PROMPT_TOKENS if max_prompt_tokens is None
+        else max_prompt_tokens,
+        time_limit_s=LONG_TIME_LIMIT_S)
 
 
-def long_batch_size(given: int) -> int:
-    """The long profile's batch size, unless the user set one."""
-    return LONG_BATCH_SIZE if given == RUN_BATCH_SIZE else given
+def profile_bounds(long: bool, max_new_tokens: Optional[int] = None,
+                   max_prompt_tokens: Optional[int] = None) -> Bounds:
+    """A run's bounds: the default profile's (fuzz.verdict.Bounds) or, with `long`, the long
+    one's; a bound the user gave (not None) wins either way."""
+    if long:
+        return long_bounds(max_new_tokens, max_prompt_tokens)
+    return Bounds(
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+        max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS if max_prompt_tokens is None
+        else max_prompt_tokens)
+
+
+def profile_batch_size(long: bool, given: Optional[int] = None) -> int:
+    """A run's batch size: the one the user gave, else the profile's."""
+    if given is not None:
+        return given
+    return LONG_BATCH_SIZE if long else DEFAULT_BATCH_SIZE
 
 
 def long_strategy(session: Any) -> Any:

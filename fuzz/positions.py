@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from fuzz.generate import Bounds, Engine, PromptSpec, TokenizerLike, generate
+from fuzz.engine.interface import Engine, TokenizerLike
+from fuzz.generate import generate
 from fuzz.probe import abs_max
-from fuzz.verdict import Verdict, from_json_safe, json_safe
+from fuzz.verdict import Bounds, PromptSpec, Verdict, from_json_safe, json_safe
 
 
 @dataclass
@@ -152,10 +153,10 @@ def _assemble(rec: PositionRecorder, verdict: Verdict, layers: int) -> PositionM
 
 def session_position_map(session: Any, spec: PromptSpec, verdict: Verdict,
                          bounds: Optional[Bounds] = None) -> PositionMap:
-    """position_map on a fuzz.session.Session's engine for the verdict's policy (its lock held:
-    one forward at a time)."""
+    """position_map on a fuzz.session.Session's engine for the verdict's policy (the session's
+    model to itself: Session.exclusive)."""
     from fuzz.precision import get_policy
 
-    with session._lock:
+    with session.exclusive():
         return position_map(session.engine(get_policy(verdict.policy)), session.model.tokenizer,
                             spec, verdict, bounds or session.bounds)

@@ -3,14 +3,11 @@
 The budget is shared by every (policy, BOS mode) as fuzz.search.schedule states (unsafe policies get
 more); each round is one Hypothesis run of up to `--round-examples` examples on one mode, drawing
 fresh prompts and edits of that mode's nearest misses (fuzz.search.round). A round ends early when
-it
-finds a new signature: the minimal example is minimized further, measured under every kernel
+it finds a new signature: the minimal example is minimized further, measured under every kernel
 variation (fuzz.shrink.robustness), saved to the corpus when it is a regression case, and the
-search goes
-on. The budget is wall time and hard: the job ends, report written, within it plus
+search goes on. The budget is wall time and hard: the job ends, report written, within it plus
 fuzz.search.schedule.TAIL_S. Ctrl-C / SIGTERM stops the search, measures and saves the shortest
-failing
-prompt of any signature still being shrunk, and writes the report.
+failing prompt of any signature still being shrunk, and writes the report.
 """
 from __future__ import annotations
 
@@ -29,9 +26,8 @@ from typing import Optional
 import torch
 
 import fuzz
-from fuzz.corpus import Corpus, Signature
-from fuzz.generate import Bounds
-from fuzz.long import long_batch_size, long_bounds, long_strategy
+from fuzz.corpus import Case, Corpus
+from fuzz.long import long_strategy, profile_batch_size
 from fuzz.positions import session_position_map
 from fuzz.precision import PrecisionPolicy, parse_policies
 from fuzz.report import PolicySummary, RunSummary
@@ -44,7 +40,7 @@ from fuzz.search.schedule import Mode, Schedule
 from fuzz.session import ModelOptions, Session
 from fuzz.shrink.robustness import assess, finalize
 from fuzz.strategies import prompts
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, Signature, Verdict
 
 MARGINAL_TRIES = 2  # marginal findings of one signature before this run stops chasing it
 
@@ -83,13 +79,12 @@ class FuzzJob:
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
                   ) -> FuzzJob:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        long = bool(getattr(args, "long", False))
-        if long:
-            bounds, batch_size = long_bounds(bounds), long_batch_size(args.batch_size)
-        else:
-            batch_size = args.batch_size
+        """The job the command line describes; `bounds` are the run's, its profile's defaults
+        (fuzz.long.profile_bounds) already applied."""
+        long = bool(args.long)
+        batch_size = profile_batch_size(long, args.batch_size)
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         session = Session.open(options, bounds, batch_size)
         session.min_margin = args.min_margin
         policies = parse_policies(args.policies)
@@ -117,7 +112,7 @@ class FuzzJob:
     def main(self) -> int:
         self.started = time.monotonic()
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
-        self.known = self.session.known_signatures(self.corpus)
+        self.known = self.corpus.signatures(self.session.model.name)
         self.schedule = Schedule.plan(self.policies, self.bos_modes, self.budget_s, self.started)
         self.progress = Progress(self.budget_s, self.started, self.quiet)
         self._database = open_database(self.database)  # a bad spec fails here, not mid-run
@@ -241,7 +236,7 @@ class FuzzJob:
             print(f"warning: {spec.text!r} did not fail again on replay; not saved",
                   file=sys.stderr)
             return
-        case = assessment.case(self.session, seed=self.seed,
+        case = Case.of_assessment(self.session, assessment, seed=self.seed,
                                strategy=f"fuzz.strategies.prompts/{how}")
         if assessment.robustness.cut:
             self._unmeasured(verdict, case.signature, how, case.margin, case.robustness)

@@ -1,22 +1,21 @@
 """A loaded model plus how to run it: what the CLI, the pytest plugin and the search share.
 
 `Session.screen()` runs prompts (batched) under a policy and says, for each failing one, whether
-its signature is new; `Session.case()` turns a failing verdict into a corpus case;
-fuzz.shrink.robustness measures a finding (margin, kernel variations) and minimizes it before it is
-saved.
+its signature is new; fuzz.shrink.robustness measures a finding (margin, kernel variations) and
+minimizes it; fuzz.corpus turns it into a case.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from fuzz.corpus import Case, Corpus, Signature, finder_info, signature
 from fuzz.engine.kernels import (
     AUTO_CANDIDATE,
     KernelTrial,
@@ -24,12 +23,18 @@ from fuzz.engine.kernels import (
     kernel,
     screening_kernel,
 )
-from fuzz.engine.loaded import ENGINES, LoadedModel
+from fuzz.engine.loaded import ENGINES, LoadedModel, engine_class
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec, encode_prompt, explain, generate
+from fuzz.generate import encode_prompt, explain, generate
+from fuzz.margin import MIN_MARGIN
 from fuzz.precision import POLICIES, PrecisionPolicy, get_policy
-from fuzz.shrink.robustness import MIN_MARGIN
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
+
+# Prompts per batch, unless a command says otherwise. Each batch is one Hypothesis example, so a
+# bigger one also shrinks and targets more coarsely; and float16, the policy that finds things,
+# screens fastest at 8 on a CPU without avx512_fp16 (2.33 prompts/s at 8, 2.03 at 32, 2.04 at 64:
+# benchmarks/README.md, "Throughput").
+DEFAULT_BATCH_SIZE = 8
 
 # A verdict from a non-faithful screening kernel is re-run with the faithful one (native float16)
 # when its smallest headroom (limit / max |x| over every site, step and position) is under this:
@@ -91,7 +96,7 @@ class Session:
     engine_kind: str = "builtin"
     device: str = "cpu"
     bounds: Bounds = field(default_factory=Bounds)
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     # The least margin (unrounded sum / limit) a finding needs to become a regression case
     # (fuzz.shrink.robustness, where the default is derived)
     min_margin: float = MIN_MARGIN
@@ -105,14 +110,16 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def open(cls, options: ModelOptions, bounds: Optional[Bounds] = None, batch_size: int = 8
-             ) -> Session:
+    def open(cls, options: ModelOptions, bounds: Optional[Bounds] = None,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> Session:
+        """The model the options name, loaded, on its device; an engine that cannot pad runs one
+        prompt at a time."""
         if options.engine not in ENGINES:
             raise ValueError(f"unknown engine {options.engine!r}; valid engines: "
                              f"{', '.join(ENGINES)}")
+        pads = engine_class(options.engine).supports_padding
         return cls(options.load(), options.engine, resolve_device(options.device),
-                   bounds or Bounds(),
-                   1 if options.engine == "upstream" else batch_size)
+                   bounds or Bounds(), batch_size if pads else 1)
 
     @property
     def safe_policies(self) -> list[str]:
@@ -123,9 +130,16 @@ class Session:
 
     @property
     def supports_padding(self) -> bool:
-        """Whether prompts of different lengths can share a batch (upstream's forward takes one
-        position vector for every row; transformers takes an attention mask and position ids)."""
-        return self.engine_kind != "upstream"
+        """Whether prompts of different lengths can share a batch (the engine says:
+        fuzz.engine.interface.Engine.supports_padding)."""
+        return engine_class(self.engine_kind).supports_padding
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The model to oneself for the block: one forward at a time on one model (the search's
+        gradient proposals and the heat maps run the engine directly)."""
+        with self._lock:
+            yield
 
     def run(self, specs: Sequence[PromptSpec], policy: str | PrecisionPolicy,
             bounds: Optional[Bounds] = None) -> list[Verdict]:
@@ -174,8 +188,7 @@ class Session:
         under a policy declared safe (any non-finite value there is a regression), `min_margin`
         under an unsafe one (past the limit by what other kernels will reproduce:
         fuzz.shrink.robustness). Below it a failure is marginal: a near miss to edit further, never
-        a
-        finding to shrink, or Hypothesis would shrink toward the edge of the limit."""
+        a finding to shrink, or Hypothesis would shrink toward the edge of the limit."""
         return 0.0 if get_policy(policy).expected_safe else self.min_margin
 
     def screening_kernel(self, policy: str | PrecisionPolicy) -> str:
@@ -240,27 +253,14 @@ class Session:
                     verdicts[i], alone[i] = v, len(redo) == 1
         results = []
         for i, (spec, v) in enumerate(zip(specs, verdicts)):
-            sig = self.signature(v, spec.chat) if v.nonfinite else None
+            sig = self.signature(v)
             if sig is not None and sig not in known and not alone[i]:
                 with kernel("native"):
                     v = self.run([spec], policy, bounds)[0]
-                sig = self.signature(v, spec.chat) if v.nonfinite else None
+                sig = self.signature(v)
             results.append(Screened(v, sig, sig is not None and sig not in known))
         return results
 
-    def case(self, verdict: Verdict, *, chat: bool = False, seed: Optional[int] = None,
-             strategy: str = "manual", bounds: Optional[Bounds] = None,
-             margin: Optional[dict] = None, robustness: Optional[dict] = None) -> Case:
-        return Case.from_verdict(
-            verdict, model=self.model.name, fingerprint=self.model.fingerprint,
-            bounds=(bounds or self.bounds).to_dict(),
-            finder=finder_info(seed=seed, strategy=strategy, device=self.device),
-            chat=chat, safe_policies=self.safe_policies, margin=margin, robustness=robustness,
-            model_location=self.model.location or None,
-        )
-
-    def signature(self, verdict: Verdict, chat: bool = False) -> Signature:
-        return signature(self.case(verdict, chat=chat))
-
-    def known_signatures(self, corpus: Corpus) -> set[Signature]:
-        return corpus.signatures(self.model.name)
+    def signature(self, verdict: Verdict) -> Optional[Signature]:
+        """The verdict's crash bucket on this model (None when finite)."""
+        return verdict.signature(self.model.fingerprint)

@@ -1,16 +1,90 @@
-"""What one bounded generation of one prompt under one precision policy found.
+"""What one bounded generation of one prompt under one precision policy is, and what it found.
 
-These plain records travel everywhere: the probe fills them, `fuzz check --json` prints them, the
-corpus stores them, the report draws them. They hold only JSON-friendly values.
+These plain records travel everywhere: a PromptSpec and its Bounds go in, the probe fills a
+Verdict, its Signature buckets a failure; `fuzz check --json` prints them, the corpus stores them,
+the report draws them. They hold only JSON-friendly values and need no torch.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 StopReason = Literal["eos", "nonfinite", "max_new_tokens", "timeout"]
 FLOAT16_MAX = 65504.0
+
+DEFAULT_MAX_NEW_TOKENS = 16  # gemma_pytorch#10 went NaN after ~13 decode steps
+DEFAULT_MAX_PROMPT_TOKENS = 96  # covers llama.cpp's 64-token kernel switch with room to spare
+# Per generate() call: a batch of 8 default prompts takes seconds on a 2-core CPU; a run stopped
+# by it is inconclusive, never finite, so the limit only has to catch a hung kernel.
+DEFAULT_TIME_LIMIT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What keeps every example bounded."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per generate() call
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"max_new_tokens": self.max_new_tokens, "max_prompt_tokens": self.max_prompt_tokens}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt as the user wrote it and how to feed it."""
+
+    text: str
+    add_bos: bool = True
+    chat: bool = False  # wrap in Gemma's chat template
+
+
+class Signature(NamedTuple):
+    """A failure's crash bucket: what makes two findings "the same bug". The model's fingerprint
+    (weights + config + tokenizer), not its name, so that two different model.gguf files never
+    share a bucket. A tuple: it is hashed into case ids (fuzz.corpus.case) and written to JSON
+    as a list."""
+
+    fingerprint: str
+    policy: str
+    add_bos: bool
+    layer: int  # the first non-finite value's layer (-1 embedding, L the head)
+    site: str
+    where: Literal["bos", "content"]  # at the BOS position, or at prompt content
+
+    @property
+    def at_bos(self) -> bool:
+        return self.where == "bos"
+
+    @classmethod
+    def of(cls, fingerprint: str, policy: str, add_bos: bool, first: NonFinite) -> Signature:
+        # Position 0 with BOS is the attention sink every prompt shares, so a failure there is
+        # one bucket whatever the prompt; anywhere else the failing token is prompt content.
+        where = "bos" if failed_at_bos(first, add_bos) else "content"
+        return cls(fingerprint, policy, bool(add_bos), int(first.layer), str(first.site), where)
+
+    @classmethod
+    def from_list(cls, values: Any) -> Signature:
+        """From its JSON form (a list of six values)."""
+        if len(values) != len(cls._fields):
+            raise ValueError(f"a signature has {len(cls._fields)} parts "
+                             f"({', '.join(cls._fields)}), got {list(values)!r}")
+        fingerprint, policy, add_bos, layer, site, where = values
+        return cls(str(fingerprint), str(policy), bool(add_bos), int(layer), str(site), where)
+
+
+def failed_at_bos(first: NonFinite, add_bos: bool) -> bool:
+    """Whether a failure is at the BOS position (the sink every prompt shares)."""
+    return bool(add_bos) and first.position == 0
 
 
 def layer_label(layer: int, num_layers: int) -> str:
@@ -44,6 +118,11 @@ class NonFinite:
     # At a residual add: max |residual + branch| over the channels at this position, computed in
     # float32 by the probe: the value without the dtype's limit. None at other sites.
     unrounded: Optional[float] = None
+
+    @property
+    def where(self) -> str:
+        """'step S layer L site': where it happened, in one short phrase."""
+        return f"step {self.step} layer {self.layer} {self.site}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -103,13 +182,40 @@ class Verdict:
         return "finite" if self.finite else "inconclusive"
 
     @property
+    def num_layers(self) -> int:
+        """Decoder layers, read off the table (labels '0'..'L-1'); 0 when it has none."""
+        numeric = [int(k) for k in self.max_abs if k.isdigit()]
+        return max(numeric) + 1 if numeric else 0
+
+    def layer_label(self, layer: int) -> str:
+        """A layer index as the tables label it: 'embedding', '0'..'L-1', 'head'."""
+        return layer_label(layer, self.num_layers) if self.max_abs else \
+            ("embedding" if layer < 0 else str(layer))
+
+    @property
+    def at_bos(self) -> bool:
+        """The first non-finite value is at the BOS position (False when finite)."""
+        first = self.first_nonfinite
+        return first is not None and failed_at_bos(first, self.add_bos)
+
+    @property
+    def where(self) -> str:
+        """'step S layer L site' of the first non-finite value; '' when there is none."""
+        return "" if self.first_nonfinite is None else self.first_nonfinite.where
+
+    def signature(self, fingerprint: str) -> Optional[Signature]:
+        """The failure's crash bucket on the model with this fingerprint (None when finite)."""
+        first = self.first_nonfinite
+        return None if first is None else Signature.of(fingerprint, self.policy, self.add_bos,
+                                                       first)
+
+    @property
     def limit(self) -> Optional[float]:
         """The dtype limit of the first non-finite site (None when finite)."""
         first = self.first_nonfinite
         if first is None:
             return None
-        label = "embedding" if first.layer < 0 else str(first.layer)
-        return self.limits.get(f"{label}/{first.site}") or self.limits.get(f"head/{first.site}")
+        return self.limits.get(f"{self.layer_label(first.layer)}/{first.site}")
 
     @property
     def margin(self) -> Optional[float]:
@@ -142,6 +248,18 @@ class Verdict:
         values = [v for sites in self.headroom(content_only).values() for v in sites.values()]
         return min(values, default=float("inf"))
 
+    def min_headroom_site(self, content_only: bool = True) -> Optional[tuple[str, str]]:
+        """(layer label, site) where the headroom is smallest; on a tie the earliest layer,
+        whatever the table's key order (the report JSON sorts keys: "10" comes back before
+        "4")."""
+        best: Optional[tuple[float, float, str, str]] = None
+        for layer, sites in self.headroom(content_only).items():
+            for site, h in sites.items():
+                candidate = (h, layer_order(layer), layer, site)
+                if best is None or candidate[:2] < best[:2]:
+                    best = candidate
+        return None if best is None else (best[2], best[3])
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["first_nonfinite"] = self.first_nonfinite.to_dict() if self.first_nonfinite else None
@@ -154,6 +272,13 @@ class Verdict:
         if d.get("first_nonfinite") is not None:
             d["first_nonfinite"] = NonFinite.from_dict(d["first_nonfinite"])
         return cls(**d)
+
+
+def layer_order(layer: str) -> float:
+    """A layer label's place in execution order: embedding, 0..L-1, head."""
+    if layer == "embedding":
+        return -1.0
+    return float(layer) if layer.isdigit() else math.inf
 
 
 def _headroom(limit: float, value: float) -> float:

@@ -25,3 +25,11 @@ def fresh_kernel_trials(monkeypatch):
     from fuzz import session as session_module
 
     monkeypatch.setattr(session_module, "_kernel_trials", {})
+
+
+@pytest.fixture
+def fuzz_project(pytester):
+    """A temporary project that uses gemma-fuzz as a user's project would: opted in to its
+    Hypothesis profiles (ini `gemma_fuzz_profiles`), so its fuzz tests get no deadline."""
+    pytester.makeini("[pytest]\ngemma_fuzz_profiles = true\n")
+    return pytester

@@ -24,8 +24,8 @@ from fuzz.advise.report import render_png, render_text, write
 from fuzz.cli import main
 from fuzz.corpus import Corpus
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds
 from fuzz.session import Session
+from fuzz.verdict import Bounds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,10 +14,10 @@ from fuzz import cli
 from fuzz.cli import main, parse_duration
 from fuzz.corpus import Corpus, load_case
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import parse_policies
 from fuzz.run import FuzzJob
 from fuzz.session import Session
+from fuzz.verdict import Bounds, PromptSpec
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,7 @@ def test_check_finite_prompt(capsys):
 
 
 def test_a_run_stopped_by_the_time_limit_is_inconclusive_never_finite(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_bounds", lambda args: Bounds(
+    monkeypatch.setattr(cli, "bounds_from_args", lambda args: Bounds(
         max_new_tokens=args.max_new_tokens, time_limit_s=0.0))
     assert main(["check", "--model", "tiny", "--policy", "float32", "--prompt", "hello",
                  "--max-new-tokens", "5", "--json"]) == 3
@@ -142,8 +142,7 @@ def test_add_refuses_a_finite_prompt_and_saves_a_failing_one(tmp_path, capsys):
 
 def test_add_refuses_a_marginal_failure(tmp_path, capsys):
     # A digit run of 40 overflows 2.2% past 65504 (fuzz.engine.synthetic.planted): under a margin
-    # of 3%
-    # it would not be a regression case.
+    # of 3% it would not be a regression case.
     corpus = str(tmp_path / "corpus")
     add = ["add", "--model", "tiny-digit-run-40", "--policy", "float16", "--prompt", "0" * 40,
            "--corpus", corpus, "--max-new-tokens", "2", "--min-margin", "1.03"]
@@ -159,11 +158,43 @@ def test_add_from_an_old_case_file_measures_it_again(tmp_path, capsys):
     old.write_text(json.dumps({"schema": 1, "prompt": "x 7", "policy": "float16",
                                "add_bos": True, "model": "tiny-planted"}))
     corpus = tmp_path / "corpus"
-    assert main(["add", "--from-case", str(old), "--corpus", str(corpus),
-                 "--max-new-tokens", "2"]) == 0
+    assert main(["add", "--from-case", str(old), "--corpus", str(corpus)]) == 0
     [path] = list(corpus.rglob("*.json"))
     case = load_case(path)
     assert case.prompt == "x 7" and case.schema == 2 and case.margin is not None
+    assert case.bounds == Bounds().to_dict()  # it recorded none: the defaults
+
+
+def test_add_from_a_case_keeps_the_bounds_it_recorded(tmp_path, capsys):
+    """An 8-step case from pytest stays an 8-step case; a prompt bound past the default (a
+    --long case's) is the case's, so its prompt is not refused as too long."""
+    old = tmp_path / "old.json"
+    prompt = "x " * 60 + "7"  # over the default 96-token prompt bound
+    old.write_text(json.dumps({"schema": 1, "prompt": prompt, "policy": "float16",
+                               "add_bos": True, "model": "tiny-planted",
+                               "bounds": {"max_new_tokens": 8, "max_prompt_tokens": 200}}))
+    corpus = tmp_path / "corpus"
+    assert main(["add", "--from-case", str(old), "--corpus", str(corpus)]) == 0
+    [path] = list(corpus.rglob("*.json"))
+    assert load_case(path).bounds == {"max_new_tokens": 8, "max_prompt_tokens": 200}
+
+
+@pytest.mark.parametrize("extra", [["--policy", "float32"], ["--no-bos"], ["--chat"],
+                                   ["--prompt", "7"], ["--max-new-tokens", "2"]])
+def test_add_from_a_case_refuses_an_option_it_would_ignore(tmp_path, capsys, extra):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema": 1, "prompt": "7", "policy": "float16",
+                               "add_bos": True, "model": "tiny-planted"}))
+    assert main(["add", "--from-case", str(old), "--corpus", str(tmp_path / "c"), *extra]) == 2
+    assert f"{extra[0]} cannot be used with --from-case" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("extra", [["--no-bos"], ["--chat"], ["--max-prompt-tokens", "50"]])
+def test_compare_corpus_refuses_an_option_it_would_ignore(tmp_path, capsys, extra):
+    assert main(["compare", "--model", "tiny", "--engines", "builtin", "--corpus",
+                 str(tmp_path), *extra]) == 2
+    assert f"{extra[0]} cannot be used with --corpus" in capsys.readouterr().err
 
 
 def test_replay_reports_reproduced_cases_and_safe_policies(tmp_path, capsys):

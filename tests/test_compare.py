@@ -12,7 +12,7 @@ pytest.importorskip("transformers", reason="compare runs the transformers engine
 
 from fuzz.cli import main  # noqa: E402
 from fuzz.compare import Cell, Comparison, Item, format_comparison, parse_engines  # noqa: E402
-from fuzz.generate import Bounds, PromptSpec  # noqa: E402
+from fuzz.verdict import Bounds, PromptSpec
 
 ENGINES = "builtin,transformers-eager,transformers-sdpa"
 

@@ -69,7 +69,7 @@ def test_corpus_case(check, request):
     reason = skip_reason(check, override)
     if reason:
         pytest.skip(reason)
-    device = request.config.getoption("--gemma-device")
+    device = model_options(request.config).device
     outcome = run_check(check, replay_session(check, device=device, override=override),
                         strict_site=request.config.getoption(OPT_STRICT_SITE))
     if check.expected == "finite":

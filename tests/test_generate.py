@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from fuzz.engine.loaded import LoadedModel
-from fuzz.engine.synthetic.tiny import PLANTED_LAYER, PLANTED_TRIGGER
+from fuzz.engine.synthetic.tiny import PLANTED_TRIGGER, TINY_PLANTED_LAYER
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec, PromptTooLong, explain, generate
+from fuzz.generate import PromptTooLong, explain, generate
 from fuzz.precision import POLICIES, get_policy
+from fuzz.verdict import Bounds, PromptSpec
 
 SHORT = Bounds(max_new_tokens=4, max_prompt_tokens=64)
 PROMPTS = [
@@ -53,14 +54,14 @@ def test_planted_overflow_is_attributed_to_its_layer_site_and_token(planted: Loa
     trigger = planted.tokenizer.encode(PLANTED_TRIGGER, bos=False)[0]
     assert not v.finite and v.stopped == "nonfinite"
     first = v.first_nonfinite
-    assert (first.step, first.layer, first.site, first.kind) == (0, PLANTED_LAYER,
+    assert (first.step, first.layer, first.site, first.kind) == (0, TINY_PLANTED_LAYER,
                                                                   "residual_mlp", "inf")
     assert first.token_id == trigger
     assert v.prompt_ids[first.position] == trigger
     assert v.tokens == []  # stopped before choosing a token from NaN logits
     # The residual stream at the trigger is the culprit: headroom 0 there, finite before.
-    assert v.headroom()[str(PLANTED_LAYER)]["residual_mlp"] == 0.0
-    assert v.headroom()[str(PLANTED_LAYER - 1)]["residual_mlp"] > 1.0
+    assert v.headroom()[str(TINY_PLANTED_LAYER)]["residual_mlp"] == 0.0
+    assert v.headroom()[str(TINY_PLANTED_LAYER - 1)]["residual_mlp"] > 1.0
 
 
 @pytest.mark.parametrize("policy", ["float32", "bfloat16", "float16-clamp",

@@ -13,11 +13,11 @@ from report_data import PNG_SIGNATURE, decoded_pngs, pixel_std, run_summary
 
 from fuzz.cli import main
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.positions import PositionMap, session_position_map
 from fuzz.report import RunSummary, write_report
 from fuzz.report.heatmap import heatmap_figure, heatmap_path, render_heatmap_png
 from fuzz.session import Session
+from fuzz.verdict import Bounds, PromptSpec
 
 PLANTED = "kernel 7 ms"  # tiny-planted overflows on "7": layer 2, residual_mlp, channel 0
 

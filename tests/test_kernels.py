@@ -15,10 +15,10 @@ from fuzz import session as session_module
 from fuzz.engine import kernels
 from fuzz.engine.synthetic.planted import digit_run_model, minimal_trigger
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec, greedy_tokens
+from fuzz.generate import greedy_tokens
 from fuzz.probe import abs_max
 from fuzz.session import Session
-from fuzz.verdict import Verdict, json_safe
+from fuzz.verdict import Bounds, PromptSpec, Verdict, json_safe
 
 RUN = 8  # tiny-digit-run-8: overflows on 8 consecutive digits, BOS on
 

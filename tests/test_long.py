@@ -6,24 +6,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz.cli import build_parser
+from fuzz.cli import bounds_from_args, build_parser
 from fuzz.corpus import Corpus
 from fuzz.corpus.replay import case_bounds
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds
 from fuzz.long import (
     LONG_BATCH_SIZE,
     LONG_MAX_NEW_TOKENS,
     LONG_TIME_LIMIT_S,
-    long_batch_size,
     long_bounds,
+    profile_batch_size,
+    profile_bounds,
 )
-from fuzz.pytest_plugin import plugin_long_bounds
 from fuzz.report import run_command
 from fuzz.run import FuzzJob
-from fuzz.session import ModelOptions
+from fuzz.session import DEFAULT_BATCH_SIZE, ModelOptions
 from fuzz.strategies import SLIDING_WINDOW, long_prompts
 from fuzz.strategies.long import fill
+from fuzz.verdict import Bounds
 
 pytest_plugins = ["pytester"]
 
@@ -67,14 +67,22 @@ def test_long_prompts_refuse_impossible_bounds() -> None:
 
 
 def test_long_bounds_replace_defaults_but_not_what_the_user_set() -> None:
-    b = long_bounds(Bounds())
+    b = long_bounds()
     assert (b.max_new_tokens, b.max_prompt_tokens) == (LONG_MAX_NEW_TOKENS, 1024)
     assert b.time_limit_s == LONG_TIME_LIMIT_S
-    mine = long_bounds(Bounds(max_new_tokens=4, max_prompt_tokens=600))
+    mine = long_bounds(max_new_tokens=4, max_prompt_tokens=600)
     assert (mine.max_new_tokens, mine.max_prompt_tokens) == (4, 600)
-    assert long_batch_size(8) == LONG_BATCH_SIZE and long_batch_size(3) == 3
-    # the pytest plugin's step default (8) is a default too
-    assert plugin_long_bounds(Bounds(max_new_tokens=8)).max_new_tokens == LONG_MAX_NEW_TOKENS
+    assert profile_batch_size(True) == LONG_BATCH_SIZE and profile_batch_size(True, 3) == 3
+    assert profile_batch_size(False) == DEFAULT_BATCH_SIZE
+
+
+def test_an_explicit_value_equal_to_the_default_still_wins_under_long() -> None:
+    """--long --batch-size 8 --max-new-tokens 16 asks for 8 and 16 (the defaults' values): the
+    profile must not take them for unset (it did when it compared with the defaults)."""
+    assert profile_batch_size(True, DEFAULT_BATCH_SIZE) == DEFAULT_BATCH_SIZE
+    b = profile_bounds(True, max_new_tokens=16, max_prompt_tokens=96)
+    assert (b.max_new_tokens, b.max_prompt_tokens) == (16, 96)
+    assert profile_bounds(False) == Bounds()
 
 
 def _job(tmp_path, *extra: str) -> FuzzJob:
@@ -82,8 +90,7 @@ def _job(tmp_path, *extra: str) -> FuzzJob:
         ["run", "--model", "tiny-planted", "--policies", "float16", "--no-bos", "--budget",
          "20s", "--corpus", str(tmp_path / "corpus"), "--database", "", "--seed", "5",
          "--round-examples", "6", "--quiet", *extra])
-    bounds = Bounds(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
-    return FuzzJob.from_args(args, ModelOptions("tiny-planted"), bounds)
+    return FuzzJob.from_args(args, ModelOptions("tiny-planted"), bounds_from_args(args))
 
 
 def test_run_long_sets_the_profile(tmp_path) -> None:
@@ -92,6 +99,12 @@ def test_run_long_sets_the_profile(tmp_path) -> None:
     assert (job.session.bounds.max_new_tokens, job.session.bounds.max_prompt_tokens) == (128, 1024)
     plain = _job(tmp_path)
     assert not plain.long and plain.session.bounds.max_prompt_tokens == 96
+
+
+def test_run_long_keeps_an_explicit_batch_size_and_bound_equal_to_the_defaults(tmp_path) -> None:
+    job = _job(tmp_path, "--long", "--batch-size", "8", "--max-new-tokens", "16")
+    assert job.session.batch_size == 8 and job.session.bounds.max_new_tokens == 16
+    assert job.session.bounds.max_prompt_tokens == 1024  # the one bound not given: the profile's
 
 
 def test_a_long_run_saves_cases_with_their_bounds_and_replay_uses_them(tmp_path) -> None:
@@ -125,10 +138,10 @@ def test_long(gemma_fuzz, data):
 '''
 
 
-def test_the_plugin_runs_long_generations_with_gemma_long(pytester, tmp_path):
-    pytester.makepyfile(test_inner=LONG_INNER)
-    result = pytester.runpytest_subprocess(
+def test_the_plugin_runs_long_generations_with_gemma_long(fuzz_project, tmp_path):
+    fuzz_project.makepyfile(test_inner=LONG_INNER)
+    result = fuzz_project.runpytest_subprocess(
         "--gemma-model", "tiny", "--gemma-long", "--gemma-max-new-tokens", "3",
-        "--corpus-dir", str(tmp_path / "corpus"), "-p", "no:cacheprovider")
+        f"--corpus-dir={tmp_path / 'corpus'}", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert "long=on" in result.stdout.str()

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
+from fuzz.margin import MIN_MARGIN
 from fuzz.search.misses import MissPool, closed_sites, distance, family, open_headroom
-from fuzz.shrink.robustness import MIN_MARGIN
 from fuzz.verdict import NonFinite, Verdict
 
 LIMIT = 65504.0

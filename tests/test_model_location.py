@@ -12,12 +12,12 @@ import torch
 from hf_checkpoints import save_tiny_hf
 
 from fuzz.cli import main as cli_main
-from fuzz.corpus import Corpus, CorpusError, load_case
+from fuzz.corpus import Case, Corpus, CorpusError, load_case
 from fuzz.corpus.replay import replay_corpus
 from fuzz.engine.synthetic import tiny as synthetic
 from fuzz.engine.tokenizer.build import tiny_tokenizer
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.session import ModelOptions, Session
+from fuzz.verdict import Bounds, PromptSpec
 
 pytest.importorskip("transformers", reason="HF checkpoints are written by transformers")
 pytest_plugins = ["pytester"]
@@ -44,7 +44,7 @@ def _save_case(directory: Path, corpus: Path) -> Path:
     session = Session.open(ModelOptions(str(directory), device="cpu"), Bounds(max_new_tokens=1))
     verdict = session.check(PromptSpec(PROMPT), "float16")
     assert verdict.nonfinite
-    result = Corpus(corpus).save(session.case(verdict))
+    result = Corpus(corpus).save(Case.of(session, verdict))
     assert result.saved
     return result.path
 
@@ -69,7 +69,7 @@ def test_old_corpus_files_load_and_stay_byte_for_byte():
 
 def test_zoo_case_records_the_zoo_name():
     session = Session.open(ModelOptions("tiny-planted", device="cpu"), Bounds(max_new_tokens=1))
-    case = session.case(session.check(PromptSpec("7"), "float16"))
+    case = Case.of(session, session.check(PromptSpec("7"), "float16"))
     assert case.model_location == "tiny-planted"
     assert json.loads(case.to_json())["model_location"] == "tiny-planted"
 
@@ -118,7 +118,7 @@ def test_another_model_at_the_path_is_an_error_naming_both_fingerprints(tmp_path
 def test_add_from_case_reloads_a_file_model_from_its_location(tmp_path, capsys):
     saved = _save_case(_overflowing_hf_dir(tmp_path / "hfmodel"), tmp_path / "corpus")
     code = cli_main(["add", "--from-case", str(saved), "--corpus", str(tmp_path / "again"),
-                     "--device", "cpu", "--max-new-tokens", "1"])
+                     "--device", "cpu"])  # the case's own bounds: 1 new token
     assert code == 0 and capsys.readouterr().out.startswith("saved: ")
     [again] = (tmp_path / "again" / "hfmodel").glob("*.json")
     assert load_case(again).model_location == load_case(saved).model_location
@@ -165,28 +165,28 @@ def _checkpoint(tmp_path: Path) -> tuple[Path, Path, Path, int]:
     return checkpoint, config_file, tokenizer, config.num_hidden_layers
 
 
-def test_plugin_takes_a_gemma_pytorch_checkpoint(pytester, tmp_path, monkeypatch):
+def test_plugin_takes_a_gemma_pytorch_checkpoint(fuzz_project, tmp_path, monkeypatch):
     checkpoint, config_file, tokenizer, layers = _checkpoint(tmp_path)
-    result = _inner(pytester, monkeypatch,
+    result = _inner(fuzz_project, monkeypatch,
                     {"location": str(checkpoint), "architecture": "GEMMA_2", "layers": layers},
                     "--gemma-model", str(checkpoint), "--gemma-config", str(config_file),
                     "--gemma-tokenizer", str(tokenizer))
     result.assert_outcomes(passed=1)
 
 
-def test_plugin_variant_reaches_the_loader(pytester, tmp_path, monkeypatch):
+def test_plugin_variant_reaches_the_loader(fuzz_project, tmp_path, monkeypatch):
     """--gemma-variant 270m on the tiny checkpoint: the loader checks it against that variant."""
     checkpoint, _, tokenizer, _ = _checkpoint(tmp_path)
-    result = _inner(pytester, monkeypatch, {}, "--gemma-model", str(checkpoint),
+    result = _inner(fuzz_project, monkeypatch, {}, "--gemma-model", str(checkpoint),
                     "--gemma-variant", "270m", "--gemma-tokenizer", str(tokenizer))
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the weights do not match the config (architecture GEMMA_3, "
                                  "18 layers*"])
 
 
-def test_plugin_takes_an_hf_directory(pytester, tmp_path, monkeypatch):
+def test_plugin_takes_an_hf_directory(fuzz_project, tmp_path, monkeypatch):
     _, directory = save_tiny_hf("gemma2", tmp_path / "g2")
-    result = _inner(pytester, monkeypatch,
+    result = _inner(fuzz_project, monkeypatch,
                     {"location": str(directory), "architecture": "GEMMA_2", "layers": 4},
                     "--gemma-model", str(directory))
     result.assert_outcomes(passed=1)

@@ -1,11 +1,12 @@
 """fuzz.monitor on the three kinds of model: the built-in engine, google/gemma_pytorch's model and
 a transformers Gemma, each around its own generation loop.
 
-The planted tiny model (fuzz.engine.synthetic.tiny) overflows in float16 at layer PLANTED_LAYER's
-residual_mlp on the trigger token: the monitor must name that step, layer, site, batch row,
-position and token, and agree with fuzz.generate's own probe on the same run. The real Gemma 3
-270M in transformers (from its GGUF, float16 with BOS) must raise at layer 7 residual_mlp in the
-prefill (docs/NUMERICS.md: 55008 + 13376 -> 68384 > 65504) during transformers' own generate().
+The planted tiny model (fuzz.engine.synthetic.tiny) overflows in float16 at layer
+TINY_PLANTED_LAYER's residual_mlp on the trigger token: the monitor must name that step, layer,
+site, batch row, position and token, and agree with fuzz.generate's own probe on the same run. The
+real Gemma 3 270M in transformers (from its GGUF, float16 with BOS) must raise at layer 7
+residual_mlp in the prefill (docs/NUMERICS.md: 55008 + 13376 -> 68384 > 65504) during transformers'
+own generate().
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from test_upstream import upstream_gate
 
 from fuzz import monitor
 from fuzz.engine.interface import Batch, prompt_batch
-from fuzz.engine.synthetic.tiny import PLANTED_LAYER, PLANTED_TRIGGER
+from fuzz.engine.synthetic.tiny import PLANTED_TRIGGER, TINY_PLANTED_LAYER
 from fuzz.engine.upstream.engine import upstream_available
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec, generate
+from fuzz.generate import generate
 from fuzz.monitor.attach import builtin_config
 from fuzz.precision import get_policy
 from fuzz.probe import SiteTable
+from fuzz.verdict import Bounds, PromptSpec
 
 requires_upstream = upstream_gate(*upstream_available(), os.environ)
 
@@ -55,10 +57,10 @@ def plain_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
 
 def assert_planted(err: monitor.NonFiniteError, loaded, position: int, row: int = 0) -> None:
     nf = err.nonfinite
-    assert (nf.step, nf.layer, nf.site, nf.kind) == (0, PLANTED_LAYER, "residual_mlp", "inf")
+    assert (nf.step, nf.layer, nf.site, nf.kind) == (0, TINY_PLANTED_LAYER, "residual_mlp", "inf")
     assert (err.row, nf.position, nf.token_id) == (row, position, trigger_id(loaded))
     assert err.limit == 65504.0 and nf.unrounded > err.limit
-    assert f"layer {PLANTED_LAYER}, site residual_mlp" in str(err)
+    assert f"layer {TINY_PLANTED_LAYER}, site residual_mlp" in str(err)
 
 
 def no_hooks(model: torch.nn.Module) -> bool:
@@ -180,9 +182,9 @@ def test_report_names_the_worst_site_of_every_layer_and_each_step():
     # header + 6 layers (embedding, 0-3, head), header + 3 steps
     assert [r[0] for r in rows] == ["layer", "embedding", "0", "1", "2", "3", "head",
                                     "step", "0", "1", "2"]
-    assert rows[1 + 1 + PLANTED_LAYER][1:4] == ["residual_mlp", "inf", "0"]
-    assert rows[8][1:] == ["2", "0", str(PLANTED_LAYER), "residual_mlp"]  # step 0: 2 tokens
-    assert m.table()[str(PLANTED_LAYER)]["residual_mlp"] == 0.0
+    assert rows[1 + 1 + TINY_PLANTED_LAYER][1:4] == ["residual_mlp", "inf", "0"]
+    assert rows[8][1:] == ["2", "0", str(TINY_PLANTED_LAYER), "residual_mlp"]  # step 0: 2 tokens
+    assert m.table()[str(TINY_PLANTED_LAYER)]["residual_mlp"] == 0.0
 
 
 def test_detach_removes_every_hook():

@@ -1,6 +1,6 @@
 """The planted digit-run family (fuzz.engine.synthetic.planted): the trigger is exactly a run of
-`run`
-digits in float16, with BOS on; everything one short of it, and every other policy, is finite."""
+`run` digits in float16, with BOS on; everything one short of it, and every other policy, is
+finite."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ import pytest
 from fuzz.engine.loaded import LoadedModel
 from fuzz.engine.synthetic.planted import (
     COUNT_CHANNEL,
-    PLANTED_LAYER,
+    DIGIT_RUN_LAYER,
     PLANTED_MODELS,
     PLANTED_SITE,
     digit_run_model,
@@ -23,10 +23,12 @@ from fuzz.engine.synthetic.planted import (
     plant_digit_run,
 )
 from fuzz.engine.synthetic.tiny import random_state, tiny_config
-from fuzz.generate import Bounds, PromptSpec, generate
+from fuzz.generate import generate
+from fuzz.margin import MIN_MARGIN
 from fuzz.precision import POLICIES, get_policy
 from fuzz.session import Session
-from fuzz.shrink.robustness import MIN_MARGIN, finalize
+from fuzz.shrink.robustness import finalize
+from fuzz.verdict import Bounds, PromptSpec
 
 FLOAT16_MAX = 65504.0
 SHORT = Bounds(max_new_tokens=3)
@@ -67,7 +69,7 @@ def test_minimal_trigger_overflows_in_float16_at_the_planted_add(planted) -> Non
     [v] = run_prompts(model, "float16", [minimal_trigger(run)])
     assert not v.finite
     first = v.first_nonfinite
-    assert (first.layer, first.site, first.step, first.kind) == (PLANTED_LAYER, PLANTED_SITE,
+    assert (first.layer, first.site, first.step, first.kind) == (DIGIT_RUN_LAYER, PLANTED_SITE,
                                                                  0, "inf")
     assert first.position == run  # BOS is position 0; the run's last digit completes the window
     assert first.token_id in digit_token_ids(model.tokenizer)

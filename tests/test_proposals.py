@@ -1,6 +1,6 @@
 """Gradient-guided proposals (fuzz.search.proposals) on the planted digit-run model: the gradient
-of a
-near miss's worst site points at the trigger, and screening the proposals finds the overflow."""
+of a near miss's worst site points at the trigger, and screening the proposals finds the
+overflow."""
 from __future__ import annotations
 
 import random
@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from fuzz.engine.synthetic.planted import (
-    PLANTED_LAYER,
+    DIGIT_RUN_LAYER,
     PLANTED_SITE,
     digit_token_ids,
     longest_digit_run,
 )
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import get_policy
 from fuzz.search.proposals import (
     NotANearMiss,
@@ -27,7 +26,7 @@ from fuzz.search.proposals import (
     usable_mask,
 )
 from fuzz.session import Session
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Verdict
 
 RUN = 8
 # Seven digits (RUN - 1) with a non-digit before them inside the window: a near miss whose
@@ -51,7 +50,7 @@ def test_the_gradient_points_at_the_trigger_and_screening_finds_it(session: Sess
                                                                    text: str) -> None:
     v = near_miss(session, text)
     ranked = rank_swaps(session, v, k=8)
-    assert (ranked.layer, ranked.site) == (PLANTED_LAYER, PLANTED_SITE)
+    assert (ranked.layer, ranked.site) == (DIGIT_RUN_LAYER, PLANTED_SITE)
     digits = set(digit_token_ids(session.model.tokenizer))
     # The run's last digit is where |x| peaks; the non-digit just before the run shares its window.
     before_run = _non_digit_before_run(v.prompt_ids, digits)
@@ -60,7 +59,7 @@ def test_the_gradient_points_at_the_trigger_and_screening_finds_it(session: Sess
     assert any(longest_digit_run(t) >= RUN for t in ranked.texts)
     screened = session.run([PromptSpec(t) for t in ranked.texts], "float16")
     hits = [s.first_nonfinite for s in screened if s.nonfinite]
-    assert hits and all((h.layer, h.site) == (PLANTED_LAYER, PLANTED_SITE) for h in hits)
+    assert hits and all((h.layer, h.site) == (DIGIT_RUN_LAYER, PLANTED_SITE) for h in hits)
 
 
 def _non_digit_before_run(ids: list[int], digits: set[int]) -> int:

@@ -11,8 +11,8 @@ import pytest
 
 from fuzz.corpus import Corpus
 from fuzz.engine.zoo import is_installed, load_model
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.session import Session
+from fuzz.verdict import Bounds, PromptSpec
 
 pytestmark = [
     pytest.mark.real_weights,

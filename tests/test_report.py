@@ -132,8 +132,9 @@ def test_json_round_trip_is_exact_and_strict(tmp_path: Path) -> None:
     s = run_summary(tmp_path)
     s.policies[1].nearest_misses[0].text = "inf"  # generated text, not a number
     # the CLI passes SaveResult.path (a Path) straight through
+    sig = ("m", "float16", False, 7, "residual_mlp", "content")
     s.policies[0].findings.append(Finding(overflow_verdict("p"), "duplicate-file",
-                                          tmp_path / "c.json", ("m",), True))
+                                          tmp_path / "c.json", sig, True))
     text = s.to_json()
     json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in strict JSON"))
     back = RunSummary.from_json(text)

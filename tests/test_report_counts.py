@@ -142,7 +142,7 @@ def marginal_summary(tmp_path: Path) -> RunSummary:
         near = near_limit_verdict(prompt, 1.005)
         fp16.observe(near, ("ab12cd34ef56", "float16", False, 7, "residual_mlp", "content"),
                      new=True)
-        fp16.observe_marginal(near, "step 0 layer 7 residual_mlp")
+        fp16.observe_marginal(near)
     s.policies[0].findings[0].margin = {**MARGIN, "ratio": 68392.0 / F16_MAX,
                                         "unrounded": 68392.0}
     s.policies[0].findings[0].robustness = {"robust": True, "reason": "", "margin": 1.0436,

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fuzz.corpus import Case
 from fuzz.engine import kernels
 from fuzz.engine.synthetic.planted import (
     digit_run_model,
@@ -15,16 +16,14 @@ from fuzz.engine.synthetic.planted import (
     longest_digit_run,
     plan_digit_run,
 )
-from fuzz.engine.synthetic.tiny import PLANTED_LAYER
+from fuzz.engine.synthetic.tiny import TINY_PLANTED_LAYER
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec
-from fuzz.margin import float32_magnitude, measure
+from fuzz.margin import MIN_MARGIN, float32_magnitude, measure
 from fuzz.precision import get_policy
 from fuzz.session import Session
 from fuzz.shrink import robustness
 from fuzz.shrink.robustness import (
     FILLERS,
-    MIN_MARGIN,
     Outcome,
     Variation,
     assess,
@@ -34,6 +33,7 @@ from fuzz.shrink.robustness import (
     thread_counts,
     variations,
 )
+from fuzz.verdict import Bounds, PromptSpec
 
 SIG = ("fp", "float16", True, 2, "residual_mlp", "content")
 
@@ -46,7 +46,7 @@ def planted() -> Session:
 def test_the_probe_measures_the_unrounded_sum_of_the_overflowing_add(planted):
     v = planted.run([PromptSpec("a 7")], "float16")[0]
     first = v.first_nonfinite
-    assert (first.layer, first.site) == (PLANTED_LAYER, "residual_mlp")
+    assert (first.layer, first.site) == (TINY_PLANTED_LAYER, "residual_mlp")
     assert first.unrounded > 65504 and v.margin == pytest.approx(first.unrounded / 65504)
     # the float32 run fed the same tokens holds the magnitude free of float16's rounding
     f32 = planted.model.engine(get_policy("float32"))
@@ -95,13 +95,13 @@ def test_assess_keeps_a_robust_planted_trigger(planted):
     assert a.robust, a.robustness.reason
     assert len(a.robustness.outcomes) == len(variations("cpu"))
     assert all(o.status == "nonfinite" for o in a.robustness.outcomes)
-    case = a.case(planted)
+    case = Case.of_assessment(planted, a)
     assert case.robustness["robust"] and case.margin["float32"] is not None
 
 
 def test_no_variation_starts_past_the_deadline_and_a_cut_one_is_not_robust(planted, monkeypatch):
     spec = PromptSpec("a 7")
-    sig = planted.signature(planted.run([spec], "float16")[0], False)
+    sig = planted.signature(planted.run([spec], "float16")[0])
     assert check_robustness(planted, spec, "float16", sig).robust
     late = check_robustness(planted, spec, "float16", sig, deadline=time.monotonic() - 1)
     assert late.cut and not late.robust and late.outcomes == ()

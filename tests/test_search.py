@@ -1,7 +1,6 @@
 """The search (fuzz.search.round), its schedule (fuzz.search.schedule) and its progress line
-(fuzz.report.progress),
-on synthetic models: scoring, saturation, budget shares, the hard budget and its tail,
-nearest-miss mutants."""
+(fuzz.report.progress), on synthetic models: scoring, saturation, budget shares, the hard budget and
+its tail, nearest-miss mutants."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +16,7 @@ from fuzz.engine.synthetic.planted import digit_run_model
 from fuzz.engine.synthetic.tiny import plant_overflow, random_state, synthetic_model, tiny_config
 from fuzz.engine.tokenizer.build import tiny_tokenizer
 from fuzz.engine.zoo import load_model
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import parse_policies
-from fuzz.report.describe import min_headroom_site
 from fuzz.report.progress import Progress
 from fuzz.search.accounting import ModeCounts, PolicySummary
 from fuzz.search.misses import MissPool, open_headroom
@@ -38,9 +35,10 @@ from fuzz.search.round import (
 from fuzz.search.schedule import MIN_ROUND_S, SHRINK_TAIL_S, TAIL_S, UNSAFE_WEIGHT, Schedule
 from fuzz.session import Screened, Session
 from fuzz.strategies import mutants, prompts
+from fuzz.verdict import Bounds, PromptSpec, Signature
 
-BOS_SIG = ("fp", "float16", True, 2, "residual_mlp", "bos")
-CONTENT_SIG = ("fp", "float16", False, 2, "residual_mlp", "content")
+BOS_SIG = Signature("fp", "float16", True, 2, "residual_mlp", "bos")
+CONTENT_SIG = Signature("fp", "float16", False, 2, "residual_mlp", "content")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +89,7 @@ def test_a_new_signature_short_of_the_case_margin_scores_as_a_near_miss():
 
 def test_scores_look_past_the_sites_of_known_signatures(bos_planted):
     finite = screened(bos_planted, "hello", False, set())
-    layer, site = min_headroom_site(finite.verdict, content_only=True)
+    layer, site = finite.verdict.min_headroom_site(content_only=True)
     closed = frozenset({(layer, site)})
     past = open_headroom(finite.verdict, closed)
     assert past > finite.verdict.min_headroom(content_only=True)  # the closest site is closed
@@ -123,7 +121,7 @@ def test_saturation_needs_every_prompt_at_bos_under_one_known_signature():
     assert not is_saturated(counts(SATURATION_PROBE - 1, {BOS_SIG: SATURATION_PROBE - 1}))
     assert not is_saturated(counts(20, {BOS_SIG: 19}))  # one prompt ended otherwise
     assert not is_saturated(counts(20, {CONTENT_SIG: 20}))  # content positions were reached
-    assert not is_saturated(counts(20, {BOS_SIG: 10, BOS_SIG[:3] + (5,) + BOS_SIG[4:]: 10}))
+    assert not is_saturated(counts(20, {BOS_SIG: 10, BOS_SIG._replace(layer=5): 10}))
 
 
 def test_a_saturated_mode_is_given_up_after_its_probe(bos_planted):

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.session import ModelOptions, Session
 from fuzz.shrink.minimize import deletion_candidates, minimize_text
+from fuzz.verdict import Bounds, PromptSpec
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ from fuzz.engine.transformers.engine import (  # noqa: E402
 )
 from fuzz.engine.transformers.hooks import TransformersHookProbe  # noqa: E402
 from fuzz.engine.zoo import is_installed, load_model  # noqa: E402
-from fuzz.generate import Bounds, PromptSpec, generate  # noqa: E402
+from fuzz.generate import generate
 from fuzz.precision import get_policy  # noqa: E402
 from fuzz.session import ModelOptions, Session  # noqa: E402
+from fuzz.verdict import Bounds, PromptSpec
 
 TINY = ["tiny", "tiny-gemma1", "tiny-gemma2"]
 IDS = torch.tensor([[2, 40, 41, 300, 301, 302, 77, 78, 79, 80, 81, 90]])  # > the window of 8

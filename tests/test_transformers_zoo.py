@@ -1,6 +1,6 @@
-"""The zoo's tiny Gemma 3n / Gemma 4 (fuzz.engine.transformers.zoo) through the transformers
-engine: what the configs cover, the sites the probe reports on them, the KV cache, the planted
-Gemma 4 overflow, and `fuzz run` finding and shrinking it."""
+"""The zoo's tiny Gemma 3n / Gemma 4 (fuzz.engine.synthetic.transformers_only) through the
+transformers engine: what the configs cover, the sites the probe reports on them, the KV cache, the
+planted Gemma 4 overflow, and `fuzz run` finding and shrinking it."""
 from __future__ import annotations
 
 import os
@@ -15,10 +15,11 @@ pytest.importorskip("transformers", reason="Gemma 3n/4 run on transformers only"
 from fuzz.cli import main  # noqa: E402
 from fuzz.corpus import Corpus  # noqa: E402
 from fuzz.engine.interface import Batch, prompt_batch  # noqa: E402
-from fuzz.engine.transformers.zoo import PLANTED_LAYER, tiny_transformers_model  # noqa: E402
+from fuzz.engine.synthetic.transformers_only import GEMMA4_PLANTED_LAYER, tiny_transformers_model  # noqa: E402
 from fuzz.engine.zoo import load_model  # noqa: E402
-from fuzz.generate import Bounds, PromptSpec, generate  # noqa: E402
+from fuzz.generate import generate
 from fuzz.precision import get_policy  # noqa: E402
+from fuzz.verdict import Bounds, PromptSpec
 
 pytest_plugins = ["pytester"]
 
@@ -134,7 +135,7 @@ def test_planted_gemma4_overflows_in_float16_only_on_the_trigger():
     f16 = generate(model.engine(get_policy("float16"), "cpu", "transformers"), model.tokenizer,
                    specs, "float16", bounds)
     first = f16[0].first_nonfinite
-    assert (first.step, first.layer, first.site, first.kind) == (0, PLANTED_LAYER,
+    assert (first.step, first.layer, first.site, first.kind) == (0, GEMMA4_PLANTED_LAYER,
                                                                  "residual_mlp", "inf")
     assert first.token_id == model.tokenizer.encode("7", bos=False)[0]
     assert f16[1].finite and f16[2].nonfinite
@@ -152,7 +153,8 @@ def test_fuzz_run_finds_and_shrinks_the_planted_gemma4_overflow(tmp_path, capsys
     assert rc == 0, capsys.readouterr().err
     [case] = [c.case for c in Corpus(corpus).cases("tiny-gemma4-planted")]
     first = case.first_nonfinite
-    assert (case.policy, first.layer, first.site) == ("float16", PLANTED_LAYER, "residual_mlp")
+    assert (case.policy, first.layer, first.site) == ("float16", GEMMA4_PLANTED_LAYER,
+                                                      "residual_mlp")
     assert "7" in case.prompt and len(case.prompt) <= 3  # shrunk (to "7" given the time)
 
 
@@ -168,15 +170,15 @@ def test_planted(gemma_fuzz, text):
 '''
 
 
-def test_pytest_plugin_runs_gemma4_on_the_transformers_engine(pytester, tmp_path):
+def test_pytest_plugin_runs_gemma4_on_the_transformers_engine(fuzz_project, tmp_path):
     corpus = tmp_path / "corpus"
-    pytester.makepyfile(test_inner=INNER)
-    result = pytester.runpytest_subprocess(
+    fuzz_project.makepyfile(test_inner=INNER)
+    result = fuzz_project.runpytest_subprocess(
         "--gemma-model", "tiny-gemma4-planted", "--gemma-engine", "transformers",
-        "--corpus-dir", str(corpus), "--gemma-max-new-tokens", "2", "-p", "no:cacheprovider",
+        f"--corpus-dir={corpus}", "--gemma-max-new-tokens", "2", "-p", "no:cacheprovider",
         "-p", "no:randomly")
     result.assert_outcomes(failed=1)  # the new signature, shrunk and saved
     [case] = [c.case for c in Corpus(corpus).cases("tiny-gemma4-planted")]
     assert case.prompt == "7"  # minimized to the planted trigger
-    assert (case.first_nonfinite.layer, case.first_nonfinite.site) == (PLANTED_LAYER,
+    assert (case.first_nonfinite.layer, case.first_nonfinite.site) == (GEMMA4_PLANTED_LAYER,
                                                                        "residual_mlp")

@@ -44,8 +44,8 @@ from fuzz.engine.synthetic import tiny as synthetic
 from fuzz.engine.tokenizer import Tokenizer
 from fuzz.engine.tokenizer.build import tiny_tokenizer
 from fuzz.engine.upstream.engine import shared_positions, upstream_available, upstream_masks
-from fuzz.generate import Bounds, PromptSpec, explain, generate
-from fuzz.verdict import Verdict
+from fuzz.generate import explain, generate
+from fuzz.verdict import Bounds, PromptSpec, Verdict
 
 REQUIRE_UPSTREAM = "GEMMA_FUZZ_REQUIRE_UPSTREAM"
 _Test = TypeVar("_Test", bound=Callable[..., Any])

@@ -21,10 +21,9 @@ from fuzz.engine.hf_dir import load_hf_model
 from fuzz.engine.loaded import LoadedModel, fingerprint
 from fuzz.engine.model import full_logits
 from fuzz.engine.zoo import REAL_MODEL, cached_gguf_tokenizer
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import get_policy
 from fuzz.session import Session
-from fuzz.verdict import json_safe
+from fuzz.verdict import Bounds, PromptSpec, json_safe
 
 pytest.importorskip("transformers", reason="the conversion is transformers' (test extra)")
 pytestmark = pytest.mark.real_weights

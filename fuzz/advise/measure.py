@@ -31,9 +31,10 @@ import torch
 
 from fuzz.corpus import Corpus
 from fuzz.corpus.replay import case_bounds, case_spec
-from fuzz.generate import Bounds, PromptSpec, generate
+from fuzz.generate import generate
 from fuzz.precision import POLICIES, PrecisionPolicy
 from fuzz.session import Session
+from fuzz.verdict import Bounds, PromptSpec
 
 # Greedy continuations identical to float32's on at least this share of the sampled runs. Why 90%:
 # a policy that changes one answer in ten is a different model to its users; below that the

@@ -215,7 +215,7 @@ def main(args: Any, options: Any, bounds: Any) -> int:
     session = Session.open(options, bounds, args.batch_size)
     result = advise(session, corpus, sample=args.sample, seed=args.seed, budget_s=args.budget,
                     progress=lambda line: print(f"advise: {line}", file=sys.stderr, flush=True))
-    result.command = _command(args)
+    result.command = _command(args, session.bounds)
     print(render_text(result), end="")
     if args.report:
         for path in write(result, args.report):
@@ -223,14 +223,14 @@ def main(args: Any, options: Any, bounds: Any) -> int:
     return 0 if result.recommended else 1
 
 
-def _command(args: Any) -> str:
+def _command(args: Any, bounds: Any) -> str:
     """The command that repeats this measurement (every option that changes it, spelled out)."""
     import shlex
 
     parts = ["python", "-m", "fuzz", "advise", "--model", args.model or "gemma3-270m",
              "--sample", str(args.sample), "--seed", str(args.seed),
-             "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
-             "--max-prompt-tokens", str(args.max_prompt_tokens)]
+             "--batch-size", str(args.batch_size), "--max-new-tokens", str(bounds.max_new_tokens),
+             "--max-prompt-tokens", str(bounds.max_prompt_tokens)]
     if args.corpus:
         parts += ["--corpus", args.corpus]
     if args.budget is not None:

@@ -14,10 +14,14 @@ import operator
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fuzz
-from fuzz.verdict import NonFinite, Verdict, json_safe
+from fuzz.verdict import NonFinite, Signature, Verdict, json_safe
+
+if TYPE_CHECKING:  # what a case is made from: no import at run time (the corpus needs no torch)
+    from fuzz.session import Session
+    from fuzz.shrink.robustness import Assessment
 
 # 2: signatures name the model by fingerprint; cases carry their margin and kernel robustness.
 SCHEMA_VERSION = 2
@@ -29,11 +33,6 @@ CASE_FILE_RE = re.compile(rf"[0-9a-f]{{{CASE_ID_HEX_DIGITS}}}\.json")
 
 BOUNDS_KEYS = ("max_new_tokens", "max_prompt_tokens")
 FINDER_KEYS = ("seed", "strategy", "date", "tool_version", "torch_version", "device")
-
-# (model fingerprint, policy, add_bos, first non-finite layer, first non-finite site,
-# "bos" | "content"): the fingerprint, not the name, so that two different model.gguf files
-# never share a bucket.
-Signature = tuple[str, str, bool, int, str, str]
 
 
 @dataclass
@@ -108,6 +107,30 @@ class Case:
             model_location=model_location,
         )
 
+    @classmethod
+    def of(cls, session: Session, verdict: Verdict, *, chat: bool = False,
+           seed: int | None = None, strategy: str = "manual",
+           margin: dict[str, Any] | None = None,
+           robustness: dict[str, Any] | None = None) -> Case:
+        """The case of a failing verdict of this session's model, with the session's bounds,
+        device and declared-safe policies."""
+        return cls.from_verdict(
+            verdict, model=session.model.name, fingerprint=session.model.fingerprint,
+            bounds=session.bounds.to_dict(),
+            finder=finder_info(seed=seed, strategy=strategy, device=session.device),
+            chat=chat, safe_policies=session.safe_policies, margin=margin,
+            robustness=robustness, model_location=session.model.location or None)
+
+    @classmethod
+    def of_assessment(cls, session: Session, assessment: Assessment, *,
+                      seed: int | None = None, strategy: str = "manual") -> Case:
+        """The case of a measured finding (fuzz.shrink.robustness.assess), its margin and
+        robustness included."""
+        margin = assessment.margin
+        return cls.of(session, assessment.verdict, chat=assessment.spec.chat, seed=seed,
+                      strategy=strategy, margin=margin.to_dict() if margin else None,
+                      robustness=assessment.robustness.to_dict())
+
     @property
     def signature(self) -> Signature:
         return signature(self)
@@ -156,12 +179,7 @@ def _token_ids(ids: list[Any]) -> list[int]:
 
 def signature(case: Case) -> Signature:
     """The crash bucket of a case: what makes two findings 'the same bug'."""
-    nf = case.first_nonfinite
-    # Position 0 with BOS is the attention sink every prompt shares, so a failure there is one
-    # bucket whatever the prompt; anywhere else the failing token is prompt content.
-    where = "bos" if (case.add_bos and nf.position == 0) else "content"
-    return (case.model_fingerprint, case.policy, bool(case.add_bos), int(nf.layer), str(nf.site),
-            where)
+    return Signature.of(case.model_fingerprint, case.policy, case.add_bos, case.first_nonfinite)
 
 
 def case_id(case: Case) -> str:

@@ -20,10 +20,9 @@ from typing import Literal, Optional
 
 from fuzz.corpus import Case, Corpus, LoadedCase, short_label
 from fuzz.engine.zoo import ModelNotInstalled, is_installed, is_zoo_name
-from fuzz.generate import Bounds, PromptSpec
 from fuzz.precision import POLICIES
 from fuzz.session import ModelOptions, Session
-from fuzz.verdict import NonFinite, Verdict
+from fuzz.verdict import Bounds, NonFinite, PromptSpec, Verdict
 
 Expectation = Literal["finite", "reproduce"]
 
@@ -159,16 +158,13 @@ def run_check(check: ReplayCheck, session: Session, strict_site: bool = False) -
     if not verdict.nonfinite:
         return ReplayOutcome(False, f"{_describe(verdict)}: no longer reproduces", verdict,
                              changed)
-    same = _site(case.first_nonfinite) == _site(verdict.first_nonfinite)
+    # the same crash bucket (first layer, site, BOS or content position) on the case's model
+    same = verdict.signature(case.model_fingerprint) == case.signature
     got = _describe(verdict)
     if not same:
         old, new = _where(case.first_nonfinite), _where(verdict.first_nonfinite)
         got = f"first site moved: {old} -> {new}"
     return ReplayOutcome(same or not strict_site, got, verdict, changed, moved=not same)
-
-
-def _site(nf: NonFinite) -> tuple:
-    return (nf.layer, nf.site, nf.position == 0)
 
 
 def _where(nf: NonFinite) -> str:

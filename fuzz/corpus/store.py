@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from fuzz.atomic import TMP_SUFFIX, write_atomic
-from fuzz.corpus.case import Case, Signature, check_model_name, short_label
+from fuzz.corpus.case import Case, check_model_name, short_label
 from fuzz.corpus.validate import CorpusError, _case_from_document, _Invalid, load_case
+from fuzz.verdict import Signature
 
 try:  # POSIX only; see _exclusive_lock for what happens without it
     import fcntl

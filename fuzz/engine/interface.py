@@ -89,3 +89,39 @@ def prompt_batch(token_ids: torch.Tensor) -> Batch:
     return Batch(token_ids=token_ids, positions=pos, slot_start=0,
                  key_valid=torch.ones(b, t, dtype=torch.bool, device=token_ids.device),
                  key_positions=pos)
+
+
+class Engine(Protocol):
+    """What generation needs of a model: the built-in one, the upstream adapter
+    (fuzz.engine.upstream) or the transformers one (fuzz.engine.transformers)."""
+
+    config: object
+    # Whether prompts of different lengths can share a batch: upstream's forward takes one
+    # position vector for every row; the built-in model and transformers take per-row positions.
+    # The one place an engine says so (fuzz.engine.loaded.engine_class reads it too).
+    supports_padding: bool
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def new_cache(self, batch: int, max_len: int): ...
+
+    def __call__(self, batch: Batch, cache, rec: Optional[Recorder] = None,
+                 last_only: bool = True) -> torch.Tensor: ...
+
+
+class TokenizerLike(Protocol):
+    """What generation needs of a tokenizer (fuzz.engine.tokenizer.Tokenizer)."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def chat_prompt(self, text: str) -> str: ...

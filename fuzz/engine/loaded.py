@@ -27,8 +27,8 @@ class LoadedModel:
     tokenizer: Any  # fuzz.engine.tokenizer.Tokenizer
     fingerprint: str  # sha256 of weights + config + tokenizer
     source: str  # where the weights came from (path or "synthetic")
-    # A model only transformers runs (Gemma 3n/4: fuzz.engine.transformers.zoo): its HF config
-    # and state (then `state` holds transformers' names too); None for every other model.
+    # A model only transformers runs (Gemma 3n/4: fuzz.engine.synthetic.transformers_only): its
+    # HF config and state (then `state` holds transformers' names too); None for every other.
     transformers: Any = None
     # Where to find the model again, recorded in its corpus cases: a zoo model's name, or the
     # absolute path of a file or directory model (set by fuzz.engine.zoo.load_model).
@@ -65,6 +65,24 @@ class LoadedModel:
             return UpstreamEngine(self.config, self.state, policy.dtype, device,
                                   self.tokenizer.serialized_model_proto())
         raise ValueError(f"unknown engine {kind!r}; valid engines are: {', '.join(ENGINES)}")
+
+
+def engine_class(kind: str) -> type:
+    """The class that runs engine `kind` (imported only when asked for): what it can do, e.g.
+    `supports_padding`, without building one."""
+    if kind.startswith("transformers"):
+        from fuzz.engine.transformers.engine import TransformersEngine
+
+        return TransformersEngine
+    if kind == "upstream":
+        from fuzz.engine.upstream.engine import UpstreamEngine
+
+        return UpstreamEngine
+    if kind == "builtin":
+        from fuzz.engine.model import GemmaForCausalLM
+
+        return GemmaForCausalLM
+    raise ValueError(f"unknown engine {kind!r}; valid engines are: {', '.join(ENGINES)}")
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:

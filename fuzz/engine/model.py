@@ -277,6 +277,8 @@ class GemmaStack(nn.Module):
 class GemmaForCausalLM(nn.Module):
     """The model under test. Build it with `build_model` (fuzz.engine.weights) to load weights."""
 
+    supports_padding = True  # per-row positions and zeroed padding K/V (fuzz.engine.interface)
+
     def __init__(self, config: GemmaConfig, numerics: Numerics = FAITHFUL) -> None:
         super().__init__()
         self.config = config

@@ -4,8 +4,7 @@
   a Q4_K_M quantization, dequantized to float32: its findings are of that model).
 - `tiny`, `tiny-gemma1`, `tiny-gemma2`, `tiny-planted`: small synthetic models for tests
   (fuzz.engine.synthetic.tiny); `tiny-gemma3n`, `tiny-gemma4`, `tiny-gemma4-planted`: tiny Gemma 3n
-  /
-  Gemma 4 that only `--engine transformers` runs (fuzz.engine.transformers.zoo);
+  / Gemma 4 that only `--engine transformers` runs (fuzz.engine.synthetic.transformers_only);
   `tiny-digit-run-N`: a planted overflow on N consecutive digits (fuzz.engine.synthetic.planted),
   for
   search benchmarks and for trying the search from the CLI.
@@ -60,9 +59,9 @@ def cached_gguf_tokenizer(path: Path, sha256: str) -> Any:
     """Rebuilding the tokenizer re-parses the GGUF's 262k-token metadata (~10-20 s on 2 cores,
     measured); the rebuilt SentencePiece model is cached beside the dequantized weights."""
     from fuzz.engine.hf_dir import cached_tokenizer
-    from fuzz.engine.tokenizer import Tokenizer
+    from fuzz.engine.tokenizer.build import tokenizer_from_gguf
 
-    return cached_tokenizer(f"{sha256}.tokenizer.model", lambda: Tokenizer.from_gguf(path))
+    return cached_tokenizer(f"{sha256}.tokenizer.model", lambda: tokenizer_from_gguf(path))
 
 
 def _real() -> LoadedModel:
@@ -70,7 +69,8 @@ def _real() -> LoadedModel:
 
 
 def _transformers_only(name: str) -> LoadedModel:
-    from fuzz.engine.transformers.zoo import tiny_transformers_model  # imports transformers: lazily
+    # imports transformers: lazily
+    from fuzz.engine.synthetic.transformers_only import tiny_transformers_model
 
     return tiny_transformers_model(name)
 
@@ -81,7 +81,7 @@ ZOO: dict[str, Callable[[], LoadedModel]] = {
     "tiny-gemma1": lambda: tiny_model("tiny-gemma1", Architecture.GEMMA_1),
     "tiny-gemma2": lambda: tiny_model("tiny-gemma2", Architecture.GEMMA_2),
     "tiny-planted": lambda: tiny_model("tiny-planted", planted=True),
-    # Gemma 3n / Gemma 4: transformers engine only (fuzz.engine.transformers.zoo)
+    # Gemma 3n / Gemma 4: transformers engine only (fuzz.engine.synthetic.transformers_only)
     **{name: (lambda name=name: _transformers_only(name))
        for name in ("tiny-gemma3n", "tiny-gemma4", "tiny-gemma4-planted")},
 }

@@ -9,8 +9,7 @@ non-finite value as it happens.
 
 `model` is the built-in engine (fuzz.engine.model.GemmaForCausalLM), google/gemma_pytorch's
 `gemma.model.GemmaForCausalLM` (or fuzz.engine.upstream.engine.UpstreamEngine) or a transformers
-Gemma
-causal LM; fuzz.monitor.attach says how each is hooked. Every site reports under the built-in
+Gemma causal LM; fuzz.monitor.attach says how each is hooked. Every site reports under the built-in
 names (fuzz.engine.interface), so a monitored run reads like `fuzz check`'s table.
 
 A "step" is one forward call of the model (0: the prefill of a generate(), k: its k-th decode

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Sequence
 from typing import Any
 
 from fuzz.search.accounting import DTYPE_MAX
-from fuzz.verdict import NonFinite, Verdict, layer_label
+from fuzz.verdict import NonFinite, Signature, Verdict, failed_at_bos, layer_label
 
 
 def fmt_value(x: float) -> str:
@@ -72,19 +71,8 @@ def shell_quote(text: str) -> str:
     return "$'" + "".join(out) + "'"
 
 
-def num_layers(verdict: Verdict) -> int:
-    """Decoder layers in the verdict's table (labels '0'..'L-1')."""
-    numeric = [int(k) for k in verdict.max_abs if k.isdigit()]
-    return max(numeric) + 1 if numeric else 0
-
-
-def nonfinite_layer_label(verdict: Verdict) -> str:
-    assert verdict.first_nonfinite is not None
-    return layer_label(verdict.first_nonfinite.layer, num_layers(verdict))
-
-
 def describe_position(verdict: Verdict, nf: NonFinite) -> str:
-    bos = " (BOS)" if verdict.add_bos and nf.position == 0 else ""
+    bos = " (BOS)" if failed_at_bos(nf, verdict.add_bos) else ""
     return f"position {nf.position}{bos}, token id {nf.token_id}"
 
 
@@ -96,7 +84,7 @@ def describe_nonfinite(verdict: Verdict) -> str:
     """'inf at step 0 (prefill), layer 7, site residual_mlp, position 0 (BOS), token id 2'."""
     nf = verdict.first_nonfinite
     assert nf is not None
-    layer = nonfinite_layer_label(verdict)
+    layer = verdict.layer_label(nf.layer)
     layer_text = layer if layer in ("embedding", "head") else f"layer {layer}"
     return (f"{nf.kind} at {describe_step(nf.step)}, {layer_text}, site {nf.site}, "
             f"{describe_position(verdict, nf)}")
@@ -121,32 +109,14 @@ def describe_terms(verdict: Verdict, dtype: str | None = None) -> str | None:
     total = a + b
     b_text = fmt_value(b) if b >= 0 else f"({fmt_value(b)})"
     text += f": {fmt_value(a)} + {b_text} = {fmt_value(total)}"
-    limit = site_limit(verdict, nonfinite_layer_label(verdict), nf.site, dtype)
+    limit = site_limit(verdict, verdict.layer_label(nf.layer), nf.site, dtype)
     if not math.isnan(limit):
         text += f" > {fmt_value(limit)}" if total >= 0 else f" < -{fmt_value(limit)}"
     return text
 
 
-def layer_order(layer: str) -> float:
-    """A layer label's place in execution order: embedding, 0..L-1, head."""
-    if layer == "embedding":
-        return -1.0
-    return float(layer) if layer.isdigit() else math.inf
-
-
-def min_headroom_site(verdict: Verdict, content_only: bool = True) -> tuple[str, str] | None:
-    """(layer label, site) where the headroom is smallest; on a tie the earliest layer, whatever
-    the table's key order (the report JSON sorts keys: "10" comes back before "4")."""
-    best: tuple[float, float, str, str] | None = None
-    for layer, sites in verdict.headroom(content_only).items():
-        for site, h in sites.items():
-            candidate = (h, layer_order(layer), layer, site)
-            if best is None or candidate[:2] < best[:2]:
-                best = candidate
-    return None if best is None else (best[2], best[3])
-
-
-def describe_where(layer: str, site: str) -> str:
+def layer_site_text(layer: str, site: str) -> str:
+    """'layer 7 residual_mlp'; the embedding and the head by their name alone."""
     return site if layer in ("embedding", "head") else f"layer {layer} {site}"
 
 
@@ -154,17 +124,15 @@ def bos_text(add_bos: bool) -> str:
     return "BOS on" if add_bos else "BOS off (--no-bos)"
 
 
-def signature_text(signature: Sequence[Any], layers: int | None) -> str:
-    """A fuzz.corpus signature in words: 'layer 7 residual_mlp at the BOS position, BOS on'.
-    `layers` (decoder layers) tells the head from a layer; None or 0 when no verdict of the
-    model is at hand: the layer is then written as its number (never guessed to be the head)."""
-    if len(signature) != 6:
-        return " / ".join(map(str, signature))
-    _, _, add_bos, layer, site, where = signature
-    place = "the BOS position" if where == "bos" else "a content position"
-    index = int(layer)
+def signature_text(signature: Signature, layers: int | None) -> str:
+    """A signature in words: 'layer 7 residual_mlp at the BOS position, BOS on'. `layers`
+    (decoder layers) tells the head from a layer; None or 0 when no verdict of the model is at
+    hand: the layer is then written as its number (never guessed to be the head)."""
+    place = "the BOS position" if signature.at_bos else "a content position"
+    index = signature.layer
     label = layer_label(index, layers) if layers else ("embedding" if index < 0 else str(index))
-    return f"{describe_where(label, site)} at {place}, {'BOS on' if add_bos else 'BOS off'}"
+    return f"{layer_site_text(label, signature.site)} at {place}, " \
+        f"{'BOS on' if signature.add_bos else 'BOS off'}"
 
 
 def plural(n: int, word: str) -> str:

@@ -17,10 +17,8 @@ from typing import Any
 
 from fuzz.atomic import write_atomic
 from fuzz.report.describe import (
-    describe_where,
     fmt_value,
-    nonfinite_layer_label,
-    num_layers,
+    layer_site_text,
     prompt_literal,
 )
 from fuzz.search.accounting import DTYPE_MAX, RunSummary
@@ -67,7 +65,7 @@ class _Series:
 
 def _layer_axis(verdict: Verdict) -> tuple[list[str], dict[str, int]]:
     """x positions: embedding, 0..L-1, head (in that order)."""
-    n = num_layers(verdict)
+    n = verdict.num_layers
     labels = ["embedding", *map(str, range(n)), "head"]
     return labels, {label: i for i, label in enumerate(labels)}
 
@@ -280,10 +278,10 @@ def _mark_first_nonfinite(axes: Sequence[Any], verdict: Verdict, xpos: dict[str,
     nf = verdict.first_nonfinite
     if nf is None:
         return
-    label = nonfinite_layer_label(verdict)
+    label = verdict.layer_label(nf.layer)
     if label not in xpos:
         return
-    text = f"first {nf.kind}: {describe_where(label, nf.site)}, step {nf.step}, pos {nf.position}"
+    text = f"first {nf.kind}: {layer_site_text(label, nf.site)}, step {nf.step}, pos {nf.position}"
     for i, ax in enumerate(axes):
         ax.axvline(xpos[label], color="#8c564b", lw=1.2, alpha=0.8,
                    label=text if i == 0 else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from fuzz.margin import Margin
-from fuzz.verdict import Verdict
+from fuzz.verdict import FLOAT16_MAX, Verdict
 
 SITE_GROUPS = {
     "residual": ("embedding", "residual_attn", "residual_mlp"),
@@ -32,7 +32,7 @@ def format_verdict(v: Verdict, margin: Optional[Margin] = None) -> str:
             cells.append(f"{_fmt(max(values, key=_order)) if values else '':>10}")
         room = min(headroom[layer].values(), default=float("inf"))
         mark = ""
-        if first is not None and layer == _label(first.layer, v):
+        if first is not None and layer == v.layer_label(first.layer):
             mark = f"  <-- first non-finite: {first.site}"
         lines.append(f"{layer:>9} " + " ".join(cells) + f" {_fmt(room):>9}{mark}")
     lines.append("")
@@ -48,7 +48,7 @@ def format_verdict(v: Verdict, margin: Optional[Margin] = None) -> str:
         if first.channel is not None:
             a, b = first.terms
             lines.append(f"  channel {first.channel}: {a:.6g} + {b:.6g} = {a + b:.6g} "
-                         f"> {v.limits.get(f'{_label(first.layer, v)}/{first.site}', 65504):.6g}")
+                         f"> {v.limit or FLOAT16_MAX:.6g}")
         if margin is not None:
             lines.append(f"  margin: {margin.describe()}")
     lines.append(f"generated {len(v.tokens)} tokens: {v.text!r}")
@@ -61,10 +61,3 @@ def _order(x: float) -> float:
 
 def _fmt(x: float) -> str:
     return "nan" if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
-
-
-def _label(layer: int, v: Verdict) -> str:
-    labels = list(v.max_abs)
-    if layer < 0:
-        return "embedding"
-    return str(layer) if str(layer) in labels else "head"

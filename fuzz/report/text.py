@@ -23,13 +23,11 @@ from fuzz.report.describe import (
     bounds_text,
     describe_nonfinite,
     describe_terms,
-    describe_where,
     fmt_duration,
     fmt_headroom,
     fmt_ratio,
+    layer_site_text,
     margin_text,
-    min_headroom_site,
-    num_layers,
     plural,
     prompt_literal,
     robustness_text,
@@ -282,7 +280,7 @@ def model_layers(s: RunSummary) -> int:
     """Decoder layers of the run's model, from any verdict it kept (0 when it kept none)."""
     verdicts = [v for p in s.policies for v in
                 [*(f.verdict for f in p.findings), *p.nearest_misses, p.peak] if v is not None]
-    return max((num_layers(v) for v in verdicts), default=0)
+    return max((v.num_layers for v in verdicts), default=0)
 
 
 def findings_total(s: RunSummary) -> str:
@@ -357,7 +355,7 @@ def marginal_more(p: PolicySummary) -> str | None:
 def finding_heading(f: Finding, i: int) -> str:
     marginal = " (marginal, not saved)" if f.is_marginal else \
         " (unmeasured, not saved)" if f.is_unmeasured else ""
-    return f"Finding {i}: {signature_text(f.signature, num_layers(f.verdict))}{marginal}"
+    return f"Finding {i}: {signature_text(f.signature, f.verdict.num_layers)}{marginal}"
 
 
 def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
@@ -388,9 +386,9 @@ def miss_rows(p: PolicySummary) -> list[tuple[str, str, str, str]]:
     a wider dtype's headroom against float16, as in the policies table."""
     rows = []
     for v in unique_misses(p):
-        where = min_headroom_site(v)
+        where = v.min_headroom_site()
         headroom = (fmt_headroom(v.min_headroom(content_only=True)) if p.dtype == "float16"
                     else f"{fmt_headroom(v.float16_headroom())} (vs float16)")
-        rows.append((headroom, describe_where(*where) if where else "", prompt_literal(v.prompt),
+        rows.append((headroom, layer_site_text(*where) if where else "", prompt_literal(v.prompt),
                      bos_text(v.add_bos)))
     return rows

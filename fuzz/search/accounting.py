@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fuzz.search.jsonform import need, verdict_from_dict, verdict_to_dict
-from fuzz.verdict import Verdict, from_json_safe, json_safe
+from fuzz.verdict import Signature, Verdict, from_json_safe, json_safe
 
 # "marginal": failed here, but not under every kernel variation or below the margin a regression
 # case needs (fuzz.shrink.robustness): reported, not saved.
@@ -45,7 +45,7 @@ class Finding:
     verdict: Verdict
     status: str  # one of FINDING_STATUSES
     case_path: str | Path | None  # where the case is (saved/duplicate) or would have gone
-    signature: tuple  # fuzz.corpus.signature: (model, policy, add_bos, layer, site, where)
+    signature: Signature
     # True when the probe named the channel and terms that overflowed. None: derive it.
     explained: bool | None = None
     # "shrunk" (by Hypothesis, then minimized), "cut" (found when the budget left no time to
@@ -71,7 +71,7 @@ class Finding:
                 " has a finite verdict: only failing verdicts are findings; record finite ones "
                 "with PolicySummary.observe()"
             )
-        self.signature = tuple(self.signature)
+        self.signature = Signature.from_list(self.signature)
         if self.case_path is not None:
             self.case_path = str(self.case_path)  # a Path (SaveResult.path) must stay JSON-able
         if self.explained is None:
@@ -99,7 +99,7 @@ class Finding:
     def from_dict(cls, d: dict[str, Any]) -> Finding:
         return cls(verdict=verdict_from_dict(need(d, "verdict", "finding")),
                    status=need(d, "status", "finding"), case_path=d.get("case_path"),
-                   signature=tuple(need(d, "signature", "finding")),
+                   signature=Signature.from_list(need(d, "signature", "finding")),
                    explained=d.get("explained"), how=d.get("how", "shrunk"),
                    margin=d.get("margin"), robustness=d.get("robustness"),
                    positions=d.get("positions"))
@@ -120,7 +120,7 @@ class ModeCounts:
     examples: int = 0
     nonfinite: int = 0  # examples that went non-finite, under any signature
     inconclusive: int = 0  # stopped by the time limit before EOS or the step bound
-    known: dict[tuple, int] = field(default_factory=dict)  # known signature -> such examples
+    known: dict[Signature, int] = field(default_factory=dict)  # known signature -> examples
     # distinct prompts whose new failure stayed below the margin a case needs (not shrunk), and
     # a few of them (prompt, add_bos, margin, where) for the report
     marginal: int = 0
@@ -147,7 +147,8 @@ class ModeCounts:
     def from_dict(cls, d: dict[str, Any]) -> ModeCounts:
         return cls(examples=int(d.get("examples", 0)), nonfinite=int(d.get("nonfinite", 0)),
                    inconclusive=int(d.get("inconclusive", 0)),
-                   known={tuple(k["signature"]): int(k["examples"]) for k in d.get("known", [])},
+                   known={Signature.from_list(k["signature"]): int(k["examples"])
+                          for k in d.get("known", [])},
                    marginal=int(d.get("marginal", 0)),
                    marginal_examples=list(d.get("marginal_examples", [])),
                    best_headroom=float(from_json_safe(d.get("best_headroom", "inf"))),
@@ -200,7 +201,8 @@ class PolicySummary:
         if verdict.nonfinite:
             counts.nonfinite += 1
             if signature is not None and not new:
-                counts.known[tuple(signature)] = counts.known.get(tuple(signature), 0) + 1
+                known = Signature._make(signature)
+                counts.known[known] = counts.known.get(known, 0) + 1
             return
         if not verdict.finite:
             counts.inconclusive += 1
@@ -225,7 +227,7 @@ class PolicySummary:
         if not self.findings:
             self.peak = self.nearest_misses[0]
 
-    def observe_marginal(self, verdict: Verdict, where: str) -> None:
+    def observe_marginal(self, verdict: Verdict) -> None:
         """A new failure below the margin a case needs: counted once per distinct prompt."""
         counts = self.mode(verdict.add_bos)
         if verdict.prompt in counts._marginal_seen:
@@ -234,14 +236,15 @@ class PolicySummary:
         counts.marginal += 1
         if len(counts.marginal_examples) < MAX_MARGINAL_EXAMPLES:
             counts.marginal_examples.append({"prompt": verdict.prompt, "add_bos": verdict.add_bos,
-                                             "margin": verdict.margin, "where": where})
+                                             "margin": verdict.margin, "where": verdict.where})
 
     def add_finding(self, verdict: Verdict, status: str, case_path: str | Path | None,
                     signature: Sequence[Any], how: str = "shrunk",
                     margin: dict[str, Any] | None = None,
                     robustness: dict[str, Any] | None = None) -> Finding:
         finding = Finding(verdict, status, None if case_path is None else str(case_path),
-                          tuple(signature), how=how, margin=margin, robustness=robustness)
+                          Signature.from_list(signature), how=how, margin=margin,
+                          robustness=robustness)
         self.findings.append(finding)
         if verdict.add_bos not in self.bos_modes:
             self.bos_modes.append(verdict.add_bos)

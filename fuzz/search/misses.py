@@ -24,9 +24,8 @@ four families (one `[` run); random draws 5 and 4 (its draws change with the cod
 
 A marginal finding is a near miss too: a failure at an open site whose margin falls short of the
 one a regression case needs (fuzz.shrink.robustness) is `min_margin / margin` away from a case.
-Steering
-climbs toward the limit in small steps, so its first crossings are barely past it: on Gemma 3
-270M without BOS (benchmarks/bench_search_real.py, seeds 3 and 4, each prompt's arm logged) the
+Steering climbs toward the limit in small steps, so its first crossings are barely past it: on Gemma
+3 270M without BOS (benchmarks/bench_search_real.py, seeds 3 and 4, each prompt's arm logged) the
 edits of near misses first crossed it for 6 new signatures, every one at 1.002-1.017 (marginal,
 given up), fresh draws for 6, 5 of them at 1.022-1.125. Kept in the pool, such a failure is
 edited further past the limit.
@@ -43,10 +42,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fuzz.corpus import Signature
+from fuzz.margin import MIN_MARGIN
 from fuzz.search.accounting import NEAREST_MISSES
-from fuzz.shrink.robustness import MIN_MARGIN
-from fuzz.verdict import Verdict, layer_label
+from fuzz.verdict import Signature, Verdict, layer_label
 
 Site = tuple[str, str]  # (layer label, site) as in Verdict.content_max_abs
 PER_FAMILY = 1  # prompts of one family the pool may hold
@@ -65,9 +63,9 @@ def closed_sites(known: Iterable[Signature], policy: str, add_bos: bool,
     already in the corpus. A failure at the BOS position closes nothing: it says nothing about
     what the content positions at that site can reach."""
     return frozenset(
-        (layer_label(layer, num_layers), site)
-        for _model, sig_policy, sig_bos, layer, site, where in known
-        if sig_policy == policy and sig_bos == add_bos and where == "content"
+        (layer_label(sig.layer, num_layers), sig.site)
+        for sig in map(Signature._make, known)
+        if sig.policy == policy and sig.add_bos == add_bos and not sig.at_bos
     )
 
 
@@ -87,9 +85,8 @@ def distance(verdict: Verdict, closed: frozenset[Site], min_margin: float = MIN_
     first, margin = verdict.first_nonfinite, verdict.margin
     if first is None or margin is None or margin >= min_margin:
         return math.inf
-    at_bos = verdict.add_bos and first.position == 0
-    site = ("embedding" if first.layer < 0 else str(first.layer), first.site)
-    return math.inf if at_bos or site in closed else min_margin / margin
+    site = (verdict.layer_label(first.layer), first.site)
+    return math.inf if verdict.at_bos or site in closed else min_margin / margin
 
 
 @dataclass

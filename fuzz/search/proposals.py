@@ -55,7 +55,6 @@ from fuzz.engine.interface import prompt_batch
 from fuzz.engine.model import GemmaForCausalLM
 from fuzz.precision import get_policy
 from fuzz.probe import abs_max
-from fuzz.report.describe import min_headroom_site
 from fuzz.session import Session
 from fuzz.strategies.vocabulary import text_piece_ids
 from fuzz.verdict import Verdict
@@ -138,7 +137,7 @@ def rank_swaps(session: Session, verdict: Verdict, k: int = 8, *, spread: bool =
         # each decode step (last_only): the objective must not see the other positions.
         first = max(first, len(ids) - 1)
     usable = usable_mask(session.model.tokenizer)
-    with session._lock:  # the session's rule: one forward at a time (fuzz.session)
+    with session.exclusive():
         objective, scores = swap_scores(engine, fed, len(ids), layer, site, first, usable)
     scores[:editable] = -torch.inf  # BOS is not an edit (the sink every prompt shares)
     edits: list[Edit] = []
@@ -178,7 +177,7 @@ def random_swaps(session: Session, verdict: Verdict, k: int, rng: random.Random,
 
 def target_site(verdict: Verdict, num_layers: int) -> tuple[int, str]:
     """(layer, site) of the smallest content headroom: for float16, the largest content |x|."""
-    found = min_headroom_site(verdict, content_only=True)
+    found = verdict.min_headroom_site(content_only=True)
     if found is None:
         raise NotANearMiss(f"the verdict for {verdict.prompt!r} has no content site measured "
                            "(an empty prompt with BOS has no content position to edit)")
@@ -328,13 +327,11 @@ class _GradCapture:
 @dataclass
 class Proposer:
     """The gradient arm of the search (fuzz.search.round.round_strategy): at each round's start,
-    swaps
-    proposed for the `per_round` nearest misses not proposed from yet, kept across rounds (the
+    swaps proposed for the `per_round` nearest misses not proposed from yet, kept across rounds (the
     newest `keep`), so that a round screens them as they are beside fresh draws and mutants.
 
     Only the built-in engine has the gradients (fuzz.search.proposals.swap_scores); other engines,
-    and
-    a near miss that has nothing to edit, get no proposals."""
+    and a near miss that has nothing to edit, get no proposals."""
 
     session: Session
     k: int = 8

@@ -4,8 +4,7 @@ model screens them, a new signature fails the property.
 An example is a LIST of prompts screened in one batched generation (batching amortises reading
 the weights, docs/NUMERICS.md); the example fails when a prompt shows a signature that is not
 known yet, past the margin a regression case needs (fuzz.shrink.robustness). Each signature raises
-its
-own exception class, so Hypothesis treats each as a separate bug and shrinks each to its own
+its own exception class, so Hypothesis treats each as a separate bug and shrinks each to its own
 minimal example (a list of one minimal prompt). Only those final, shrunk examples are returned by
 `Search.run`: the intermediate ones never reach the corpus.
 
@@ -40,14 +39,12 @@ from hypothesis.database import ExampleDatabase
 from hypothesis.errors import Flaky
 from hypothesis.reporting import with_reporter
 
-from fuzz.corpus import Signature
-from fuzz.generate import Bounds, PromptSpec
+from fuzz.margin import MIN_MARGIN, passes_margin
 from fuzz.search.accounting import ModeCounts, PolicySummary
 from fuzz.search.misses import MissPool, Site, closed_sites, distance
 from fuzz.session import Screened, Session
-from fuzz.shrink.robustness import MIN_MARGIN, describe_where, passes_margin
 from fuzz.strategies import mutants
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
 TARGET_CAP = 16.0  # score of a new signature (headroom 0): above any finite score
 SATURATION_PROBE = 16  # prompts a mode screens before it may be called saturated
@@ -109,7 +106,7 @@ def is_saturated(counts: ModeCounts, probe: int = SATURATION_PROBE) -> bool:
     if counts.examples < probe or len(counts.known) != 1:
         return False
     [(sig, hits)] = counts.known.items()
-    return sig[5] == "bos" and hits == counts.examples
+    return sig.at_bos and hits == counts.examples
 
 
 def round_strategy(fresh: st.SearchStrategy[str], pool: Sequence[str],
@@ -117,8 +114,7 @@ def round_strategy(fresh: st.SearchStrategy[str], pool: Sequence[str],
     """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses, read at each
     draw: pass `Search.live_pool`; splices of fresh fragments while it is empty); with
     `proposed` (gradient-guided swaps of the nearest misses, fuzz.search.proposals), a third arm
-    that
-    screens those prompts as they are."""
+    that screens those prompts as they are."""
     arms = [fresh, mutants(pool)] + \
         ([st.sampled_from(tuple(proposed))] if proposed else [])
     return st.one_of(*arms)
@@ -206,7 +202,7 @@ class Search:
             self.on_batch()
         for spec, r in zip(specs, results):
             if r.new and not self.counts_as_finding(r):
-                self.summary.observe_marginal(r.verdict, describe_where(r.verdict))
+                self.summary.observe_marginal(r.verdict)
             elif r.new:
                 err = error_for(r.signature)(r, spec)
                 best = self.pending.get(r.signature)

@@ -13,10 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional
 
-from fuzz.corpus import Signature
 from fuzz.engine.kernels import kernel
-from fuzz.generate import Bounds, PromptSpec
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
 if TYPE_CHECKING:
     from fuzz.session import Session
@@ -29,8 +27,7 @@ def deletion_candidates(text: str, chunk: int) -> list[str]:
 
 # What else a smaller prompt must keep besides the signature, judged on its canonical (alone)
 # verdict: fuzz.shrink.robustness keeps the margin and every kernel variation, so that minimizing
-# cannot
-# walk a case to the edge of the limit.
+# cannot walk a case to the edge of the limit.
 Keeps = Callable[[PromptSpec, Verdict], bool]
 
 
@@ -100,11 +97,11 @@ def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str
     with kernel(_batch_kernel(session, policy)):
         screened = session.run(specs, policy, bounds)
     for spec, verdict in zip(specs, screened):
-        if not verdict.nonfinite or session.signature(verdict, spec.chat) != sig:
+        if not verdict.nonfinite or session.signature(verdict) != sig:
             continue
         runs += 1
         alone = session.run([spec], policy, bounds)[0]  # the canonical verdict (see screen)
-        if alone.nonfinite and session.signature(alone, spec.chat) == sig and \
+        if alone.nonfinite and session.signature(alone) == sig and \
                 (keeps is None or keeps(spec, alone)):
             return (spec, alone), runs
     return None, runs

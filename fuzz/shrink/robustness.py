@@ -30,24 +30,14 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from fuzz.corpus import Case, Signature
 from fuzz.engine.kernels import kernel
-from fuzz.generate import Bounds, PromptSpec
-from fuzz.margin import Margin, measure
+from fuzz.margin import Margin, measure, passes_margin
 from fuzz.precision import get_policy
 from fuzz.shrink.minimize import minimize_text
-from fuzz.verdict import Verdict
+from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
 if TYPE_CHECKING:
     from fuzz.session import Session
-
-# The least margin a regression case needs: the unrounded sum 2% past the limit. Measured on
-# Gemma 3 270M without BOS (benchmarks/bench_margins.py, 91 raw float16 findings): no finding
-# flipped with the thread count or the batch on an avx512_fp16 CPU; under the float32-accumulating
-# kernel, prefill findings flipped up to a margin of 1.010 and none above; decode-step findings
-# flipped up to 1.040, because their greedy tokens diverged (which the variations, not a margin,
-# catch). 1.02 is twice the largest prefill flip. Session.min_margin carries it (--min-margin).
-MIN_MARGIN = 1.02
 
 # Rows that share the batch with the prompt in the "batched" variations: a short one, a long one
 # (so the prompt itself gets left padding), one in between. What they compute does not matter:
@@ -168,8 +158,8 @@ def check_robustness(session: Session, spec: PromptSpec, policy: str, signature:
         if time.monotonic() >= deadline:
             return cut_short(tuple(outcomes), len(planned))
         v = run_variation(session, spec, policy, variation, bounds)
-        sig = session.signature(v, spec.chat) if v.nonfinite else None
-        outcomes.append(Outcome(variation.name, v.status, sig, describe_where(v), v.margin))
+        sig = session.signature(v)
+        outcomes.append(Outcome(variation.name, v.status, sig, v.where, v.margin))
     return judge(tuple(outcomes), signature, session.min_margin)
 
 
@@ -195,12 +185,6 @@ def judge(outcomes: tuple[Outcome, ...], signature: Signature, min_margin: float
     return Robustness(outcomes, True, "", least)
 
 
-def passes_margin(verdict: Verdict, min_margin: float) -> bool:
-    """The canonical run's margin is enough (a site that is not a residual add has none to
-    measure: only the variations judge it)."""
-    return verdict.margin is None or verdict.margin >= min_margin
-
-
 @dataclass
 class Assessment:
     """A failing prompt measured for the corpus: its explained verdict under the full bounds,
@@ -215,13 +199,6 @@ class Assessment:
     def robust(self) -> bool:
         return self.robustness.robust
 
-    def case(self, session: Session, *, seed: Optional[int] = None,
-             strategy: str = "manual") -> Case:
-        """The corpus case of this prompt, margin and robustness included."""
-        return session.case(self.verdict, chat=self.spec.chat, seed=seed, strategy=strategy,
-                            margin=self.margin.to_dict() if self.margin else None,
-                            robustness=self.robustness.to_dict())
-
 
 def assess(session: Session, spec: PromptSpec, policy: str,
            bounds: Optional[Bounds] = None, deadline: float = math.inf) -> Assessment:
@@ -234,7 +211,7 @@ def assess(session: Session, spec: PromptSpec, policy: str,
         none = Outcome("alone", verdict.status, None, "", None)
         return Assessment(spec, verdict, None, Robustness((none,), False, verdict.status, None))
     f32 = session.engine(get_policy("float32"))  # the session's engine: the finding's
-    sig = session.signature(verdict, spec.chat)
+    sig = session.signature(verdict)
     return Assessment(spec, verdict, measure(verdict, f32),
                       check_robustness(session, spec, policy, sig, bounds, deadline))
 
@@ -257,7 +234,7 @@ def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, st
     everywhere either way."""
     capped = session.capped(step)
     start = session.run([spec], policy, capped)[0]
-    if not (start.nonfinite and session.signature(start, spec.chat) == sig
+    if not (start.nonfinite and session.signature(start) == sig
             and passes_margin(start, session.min_margin)):
         return assess(session, spec, policy, deadline=measure_deadline)
     trail = [spec]  # every prompt minimizing accepted, the finding first
@@ -301,8 +278,3 @@ def _minimize_carefully(session: Session, trail: list[PromptSpec], policy: str, 
     best, _ = minimize_text(session, trail[good], policy, sig, bounds, keeps=holds,
                             deadline=deadline)
     return best
-
-
-def describe_where(v: Verdict) -> str:
-    f = v.first_nonfinite
-    return "" if f is None else f"step {f.step} layer {f.layer} {f.site}"

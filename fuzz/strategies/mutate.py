@@ -37,8 +37,7 @@ def mutants(pool: Sequence[str]) -> SearchStrategy[str]:
     target phase can tune.
 
     `pool` is read at every draw, so a list the caller keeps up to date (fuzz.search.round: the
-    mode's
-    nearest misses, closest first, frozen while a failure is shrunk so that a replayed choice
+    mode's nearest misses, closest first, frozen while a failure is shrunk so that a replayed choice
     sequence draws the same prompt) steers every draw by what the search has just seen. While
     it is empty the edits apply to the empty text: only splices then yield a prompt.
 

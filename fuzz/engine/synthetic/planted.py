@@ -7,8 +7,7 @@ that random prompts rarely trigger it while the distance to the trigger is visib
 grows smoothly with the number of digits in the window, so headroom can guide a search.
 
 How it is planted (on the tiny Gemma 3 of fuzz.engine.synthetic.tiny: hidden 64, 4 layers, layer 0
-local
-with a sliding window of exactly `run` tokens; four dedicated residual channels):
+local with a sliding window of exactly `run` tokens; four dedicated residual channels):
 
 - Embeddings. Every non-digit row has RMS exactly 1 and holds 1 in BIAS_CHANNEL; every digit
   row holds D in COUNT_CHANNEL and rho in DIGIT_CHANNEL and BIAS_CHANNEL, rho = D / sqrt(62),
@@ -56,7 +55,7 @@ DIGIT_CHANNEL = 1  # 1 at digits (after layer 0's input norm), 0 elsewhere
 BIAS_CHANNEL = 2  # 1 at every token (after layer 0's input norm): the attention's reference
 REF_CHANNEL = 3  # the reference's slot in the attention output
 PLANTED_CHANNELS = (COUNT_CHANNEL, DIGIT_CHANNEL, BIAS_CHANNEL, REF_CHANNEL)
-PLANTED_LAYER = 0
+DIGIT_RUN_LAYER = 0
 PLANTED_SITE = "residual_attn"
 
 POST_NORM_GAIN = 32769.0  # (1 + w) with w = 2**15, exact in float16 and bfloat16
@@ -64,8 +63,7 @@ BRANCH_TOP = 64000.0  # B(1): the counting branch at a full window of digits (< 
 FLOAT16_MAX = 65504.0
 NEAR_MISS_SUM = 65440.0  # the near miss (run - 1 digits): two float16 ulps under the limit
 # The trigger passes the limit by at least fuzz.shrink.robustness.MIN_MARGIN (2%), plus two ulps
-# for the
-# rounding of its two terms: a planted finding is a regression case like any other.
+# for the rounding of its two terms: a planted finding is a regression case like any other.
 TRIGGER_RATIO = 1.02
 TERM_ROUNDING = 64.0
 DEFAULT_SEED = 1234
@@ -136,11 +134,11 @@ def plant_digit_run(state: dict[str, torch.Tensor], config: GemmaConfig, digit_i
                     plan: DigitRunPlan) -> None:
     """Plants the digit-run overflow into a Gemma 3 state (in place). Layer 0 must be a local
     layer whose window is exactly `plan.run` tokens (that is what makes f = 1 mean a run)."""
-    if config.attn_type(PLANTED_LAYER) != AttentionType.LOCAL_SLIDING or \
+    if config.attn_type(DIGIT_RUN_LAYER) != AttentionType.LOCAL_SLIDING or \
             config.sliding_window_size != plan.run:
-        raise ValueError(f"plant_digit_run needs layer {PLANTED_LAYER} to be local with "
+        raise ValueError(f"plant_digit_run needs layer {DIGIT_RUN_LAYER} to be local with "
                          f"sliding_window_size == run ({plan.run}); got "
-                         f"{config.attn_type(PLANTED_LAYER).name} with window "
+                         f"{config.attn_type(DIGIT_RUN_LAYER).name} with window "
                          f"{config.sliding_window_size}")
     if config.head_dim < 2 or len(PLANTED_CHANNELS) + 1 > config.hidden_size:
         raise ValueError("plant_digit_run needs head_dim >= 2 and hidden_size > 4")
@@ -181,7 +179,7 @@ def _set_embeddings(embedding: torch.Tensor, digit_ids: list[int], plan: DigitRu
 
 def _counting_attention(state: dict[str, torch.Tensor], config: GemmaConfig,
                         plan: DigitRunPlan) -> None:
-    p = f"model.layers.{PLANTED_LAYER}."
+    p = f"model.layers.{DIGIT_RUN_LAYER}."
     norm = state[p + "input_layernorm.weight"]
     norm[DIGIT_CHANNEL] = norm[BIAS_CHANNEL] = 0.0  # (1 + w) = 1: the values stay exactly 1
     qkv = state[p + "self_attn.qkv_proj.weight"]

@@ -5,9 +5,9 @@
 - `tiny`, `tiny-gemma1`, `tiny-gemma2`: random weights from a fixed seed and the code-built tiny
   tokenizer; they run in milliseconds on 2 cores.
 - `tiny-planted`: `tiny` with a planted float16 overflow: a trigger token ("7") carries a massive
-  activation in residual channel 0, and layer PLANTED_LAYER's MLP doubles it, so that in float16
-  the residual add of that layer overflows at the trigger's position, while bfloat16, float32 and
-  the mitigated policies stay finite. Its minimal trigger is known: the prompt "7".
+  activation in residual channel 0, and layer TINY_PLANTED_LAYER's MLP doubles it, so that in
+  float16 the residual add of that layer overflows at the trigger's position, while bfloat16,
+  float32 and the mitigated policies stay finite. Its minimal trigger is known: the prompt "7".
 The digit-run family (`tiny-digit-run-N`, a trigger that is hard to find by chance) lives in
 fuzz.engine.synthetic.planted.
 """
@@ -22,7 +22,7 @@ from fuzz.engine.config import Architecture, AttentionType, GemmaConfig
 from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
 from fuzz.engine.model import parameter_shapes
 
-PLANTED_LAYER = 2
+TINY_PLANTED_LAYER = 2
 PLANTED_CHANNEL = 0
 PLANTED_TRIGGER = "7"
 TINY_SEED = 1234
@@ -75,7 +75,7 @@ def random_state(config: GemmaConfig, seed: int = 0, *, norm_scale: float = 0.1,
 
 
 def plant_overflow(state: dict[str, torch.Tensor], config: GemmaConfig, trigger_id: int,
-                   layer: int = PLANTED_LAYER, channel: int = PLANTED_CHANNEL) -> None:
+                   layer: int = TINY_PLANTED_LAYER, channel: int = PLANTED_CHANNEL) -> None:
     """Plants a float16-only residual overflow at the trigger token (see module docstring).
 
     The trigger's scaled embedding holds 5000 * sqrt(64) = 40000 in `channel`; no branch writes

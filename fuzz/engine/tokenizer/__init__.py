@@ -3,9 +3,10 @@
 `Tokenizer` behaves like upstream's `gemma/tokenizer.py` (`encode(s, bos=True, eos=False)`,
 `decode(ids)`, `n_words`, `bos_id`, `eos_id`, `pad_id`) and adds what a fuzzer needs:
 
-- `Tokenizer.from_gguf(path)` rebuilds a real SentencePiece model (`ModelProto`) from the
-  tokenizer metadata llama.cpp writes into a GGUF file, so the Gemma 3 270M GGUF needs no separate
-  `tokenizer.model`. The rebuilt model gives the same ids as transformers' GGUF tokenizer.
+- `tokenizer_from_gguf(path)` (fuzz.engine.tokenizer.build) rebuilds a real SentencePiece model
+  (`ModelProto`) from the tokenizer metadata llama.cpp writes into a GGUF file, so the Gemma 3
+  270M GGUF needs no separate `tokenizer.model`. The rebuilt model gives the same ids as
+  transformers' GGUF tokenizer.
 - Control tokens written in the text (`<start_of_turn>`, `<bos>`, ...) become their ids, as in
   transformers; SentencePiece alone would spell them out character by character.
 - `encode(..., max_tokens=N)` refuses a prompt longer than the fuzzer's prompt bound.
@@ -24,14 +25,10 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sentencepiece
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-if TYPE_CHECKING:
-    import gguf
 
 PieceType = sp_pb2.ModelProto.SentencePiece.Type
 
@@ -58,7 +55,8 @@ class Tokenizer:
     """A SentencePiece model with upstream gemma_pytorch's `Tokenizer` interface.
 
     Build it from a `.model` file (`Tokenizer(path)` or `Tokenizer.from_file(path)`), from a GGUF
-    file (`Tokenizer.from_gguf`) or from a serialized `ModelProto` (`serialized_proto=`).
+    file (fuzz.engine.tokenizer.build.tokenizer_from_gguf) or from a serialized `ModelProto`
+    (`serialized_proto=`).
     """
 
     def __init__(
@@ -92,18 +90,6 @@ class Tokenizer:
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Loads a SentencePiece `.model` file (upstream's `tokenizer.model`)."""
         return cls(path)
-
-    @classmethod
-    def from_gguf(cls, source: str | os.PathLike[str] | gguf.GGUFReader) -> Tokenizer:
-        """Rebuilds the SentencePiece model described by a GGUF file's tokenizer metadata.
-
-        `source` is a path or an open `gguf.GGUFReader` (pass the reader when the weights are
-        read from the same file: parsing the metadata of a 262k-token vocabulary is the slow part).
-        """
-        from fuzz.engine.tokenizer.build import model_proto_from_gguf, open_gguf
-
-        proto, add_bos = model_proto_from_gguf(open_gguf(source))
-        return cls(serialized_proto=proto.SerializeToString(), add_bos=add_bos)
 
     # ------------------------------------------------------------------------------- interface
     def encode(
@@ -219,7 +205,7 @@ def _read_model_file(path: Path) -> bytes:
 def _load_processor(serialized: bytes, source: str) -> sentencepiece.SentencePieceProcessor:
     hint = (
         f"{source!r} is not a SentencePiece model; pass a SentencePiece .model file "
-        "(for a GGUF file use Tokenizer.from_gguf)"
+        "(for a GGUF file use fuzz.engine.tokenizer.build.tokenizer_from_gguf)"
     )
     try:
         proto = sp_pb2.ModelProto.FromString(serialized)

@@ -72,6 +72,15 @@ def _gguf_field(reader: gguf.GGUFReader, key: str, required: bool = True) -> obj
     return gguf_field_value(reader, key)
 
 
+def tokenizer_from_gguf(source: str | os.PathLike[str] | gguf.GGUFReader) -> Tokenizer:
+    """Rebuilds the SentencePiece model described by a GGUF file's tokenizer metadata.
+
+    `source` is a path or an open `gguf.GGUFReader` (pass the reader when the weights are read
+    from the same file: parsing the metadata of a 262k-token vocabulary is the slow part)."""
+    proto, add_bos = model_proto_from_gguf(open_gguf(source))
+    return Tokenizer(serialized_proto=proto.SerializeToString(), add_bos=add_bos)
+
+
 def model_proto_from_gguf(reader: gguf.GGUFReader) -> tuple[sp_pb2.ModelProto, bool]:
     """The SentencePiece model a GGUF's tokenizer metadata describes, and its add_bos flag."""
     kind = _gguf_field(reader, "tokenizer.ggml.model")

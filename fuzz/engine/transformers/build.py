@@ -3,7 +3,7 @@
 Three sources, tried in this order:
 1. `LoadedModel.transformers`: a `TransformersSource` (an HF config plus a float32 state dict under
    transformers' names) for models only transformers can run (the zoo's tiny Gemma 3n / Gemma 4,
-   fuzz.engine.transformers.zoo);
+   fuzz.engine.synthetic.transformers_only);
 2. `LoadedModel.source` naming a Hugging Face model directory (config.json beside the weights):
    `AutoModelForCausalLM.from_pretrained(dir, dtype=..., attn_implementation=...)`;
 3. anything else (a GGUF such as the real Gemma 3 270M, a gemma_pytorch checkpoint, the tiny
@@ -226,7 +226,7 @@ def from_directory(path: Path, dtype: torch.dtype, device: torch.device | str,
     return model.to(device).eval()
 
 
-def build_model(loaded: Any, dtype: torch.dtype, device: torch.device | str,
+def build_transformers_model(loaded: Any, dtype: torch.dtype, device: torch.device | str,
                 attention: Optional[str]) -> nn.Module:
     """transformers' model for a fuzz.engine.loaded.LoadedModel (sources: module docstring)."""
     source = getattr(loaded, "transformers", None)

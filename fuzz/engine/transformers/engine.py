@@ -39,7 +39,7 @@ import torch
 from fuzz.engine.interface import FAITHFUL, Batch, Recorder
 from fuzz.engine.transformers.build import (
     ATTENTIONS,
-    build_model,
+    build_transformers_model,
     check_attention,
     import_transformers,
 )
@@ -75,13 +75,11 @@ def attention_of(kind: str) -> Optional[str]:
 
 def refuse_mitigation(policy: Any) -> None:
     if not policy.faithful:
-        from fuzz.precision import POLICIES
-
-        plain = [p.name for p in POLICIES.values() if p.faithful]
         raise ValueError(
             f"policy {policy.name!r} is a mitigation of the built-in engine that transformers' "
-            f"model classes do not have; the transformers engine runs {', '.join(plain)} "
-            "(run mitigations with --engine builtin)")
+            "model classes do not have; the transformers engine runs the plain policies only "
+            "(a dtype and nothing else: float32, bfloat16, float16); run mitigations with "
+            "--engine builtin")
 
 
 class TransformersCache:
@@ -106,7 +104,8 @@ class TransformersEngine:
         refuse_mitigation(policy)
         self.config = loaded.config  # our GemmaConfig (layer count for the site table)
         self._dtype, self._device = policy.dtype, torch.device(device)
-        self.model = build_model(loaded, policy.dtype, self._device, check_attention(attention))
+        self.model = build_transformers_model(loaded, policy.dtype, self._device,
+                                              check_attention(attention))
         self.attention: str = self.model.config._attn_implementation
 
     @property

@@ -13,7 +13,7 @@ configuration_gemma4.py):
   block (4 experts, top 2) beside the dense MLP, K = V on the full-attention layers, a wider
   global head dimension;
 - `tiny-gemma4-planted`: `tiny-gemma4` with a planted float16 overflow (`plant_gemma4`): the
-  token "7" overflows layer PLANTED_LAYER's MLP residual add in float16 only.
+  token "7" overflows layer GEMMA4_PLANTED_LAYER's MLP residual add in float16 only.
 Weights are drawn from one seeded generator in parameter order (`random_hf_state`), so the models
 and their fingerprints never change between runs.
 """
@@ -29,7 +29,7 @@ from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
 from fuzz.engine.synthetic.tiny import PLANTED_CHANNEL, PLANTED_TRIGGER, TINY_SEED, tiny_config
 from fuzz.engine.transformers.build import TransformersSource, causal_lm_class, import_transformers
 
-PLANTED_LAYER = 1
+GEMMA4_PLANTED_LAYER = 1
 LAYERS = 4
 HIDDEN = 64
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -57,7 +57,7 @@ def gemma4_config(vocab_size: int) -> Any:
         bos_token_id=2)
 
 
-def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+def hf_parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Every persistent tensor of the config's causal LM (no memory used), the tied head left
     out (tie_weights() makes it the embedding)."""
     with torch.device("meta"):
@@ -72,7 +72,7 @@ def random_hf_state(config: Any, seed: int = TINY_SEED) -> dict[str, torch.Tenso
     layer scalars stay exactly 1."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in parameter_shapes(config).items():
+    for name, shape in hf_parameter_shapes(config).items():
         x = torch.randn(shape, generator=gen, dtype=torch.float32)
         if name.endswith("layer_scalar"):
             x = torch.ones(shape)
@@ -85,7 +85,7 @@ def random_hf_state(config: Any, seed: int = TINY_SEED) -> dict[str, torch.Tenso
 
 
 def plant_gemma4(state: dict[str, torch.Tensor], config: Any, trigger_id: int,
-                 layer: int = PLANTED_LAYER, channel: int = PLANTED_CHANNEL) -> None:
+                 layer: int = GEMMA4_PLANTED_LAYER, channel: int = PLANTED_CHANNEL) -> None:
     """A float16-only overflow at the trigger token in `layer`'s MLP residual add.
 
     The trigger's scaled embedding holds 5000 * sqrt(64) = 40000 in `channel`, every other
