@@ -6,7 +6,7 @@
   (fuzz.engine.synthetic.tiny); `tiny-gemma3n`, `tiny-gemma4`, `tiny-gemma4-planted`: tiny Gemma 3n
   / Gemma 4 that only `--engine transformers` runs (fuzz.engine.synthetic.transformers_only);
   `tiny-digit-run-N`: a planted overflow on N consecutive digits (fuzz.engine.synthetic.planted),
-  for
+  `tiny-count-N`: one on any N words of a family, anywhere (fuzz.engine.synthetic.count), for
   search benchmarks and for trying the search from the CLI.
 Every load is cached per process.
 """
@@ -20,6 +20,7 @@ from typing import Any, Optional
 from fuzz.engine.config import Architecture, GemmaConfig, get_model_config
 from fuzz.engine.hf_dir import load_hf_model
 from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
+from fuzz.engine.synthetic.count import COUNT_NAME, count_model_named
 from fuzz.engine.synthetic.planted import DIGIT_RUN_NAME, digit_run_model_named
 from fuzz.engine.synthetic.tiny import tiny_model
 from fuzz.engine.weights.hf import is_hf_dir
@@ -85,12 +86,13 @@ ZOO: dict[str, Callable[[], LoadedModel]] = {
     **{name: (lambda name=name: _transformers_only(name))
        for name in ("tiny-gemma3n", "tiny-gemma4", "tiny-gemma4-planted")},
 }
-ZOO_NAMES_TEXT = ", ".join([*ZOO, "tiny-digit-run-N"])
+ZOO_NAMES_TEXT = ", ".join([*ZOO, "tiny-digit-run-N", "tiny-count-N"])
 _LOADED: dict[tuple, LoadedModel] = {}
 
 
 def is_zoo_name(name: str) -> bool:
-    return name in ZOO or DIGIT_RUN_NAME.fullmatch(name) is not None
+    return name in ZOO or any(family.fullmatch(name) is not None
+                              for family in (DIGIT_RUN_NAME, COUNT_NAME))
 
 
 def is_installed(name: str) -> bool:
@@ -126,7 +128,7 @@ def _resolve(spec: str, variant: Optional[str], config_path: Optional[str],
              tokenizer_path: Optional[str], name: Optional[str]) -> LoadedModel:
     if spec in ZOO:
         return ZOO[spec]()
-    planted = digit_run_model_named(spec)
+    planted = digit_run_model_named(spec) or count_model_named(spec)
     if planted is not None:
         return planted
     path = Path(spec)

@@ -117,3 +117,20 @@ def _batch_kernel(session: Session, policy: str) -> str:
     the MLP at 256 rows, benchmarks/bench_throughput.py on a 2-core AMD EPYC, 2026-12-05)."""
     name = session.screening_kernel(policy)
     return "native" if name == "auto" else name
+
+
+def surviving_deletions(session: Session, spec: PromptSpec, policy: str, sig: Signature,
+                        bounds: Optional[Bounds] = None,
+                        keeps: Optional[Keeps] = None) -> list[PromptSpec]:
+    """Every single-character deletion of the prompt that still fails with the signature (and
+    passes `keeps`), each run alone with the faithful kernel: empty for a 1-minimal prompt.
+    What a benchmark or a test uses to check minimizing; it runs len(prompt) prompts."""
+    survivors = []
+    candidates = [PromptSpec(t, spec.add_bos, spec.chat)
+                  for t in dict.fromkeys(deletion_candidates(spec.text, 1))]
+    with kernel("native"):
+        for candidate in (c for c in candidates if session.runnable(c)):
+            verdict = session.run([candidate], policy, bounds)[0]
+            if session.signature(verdict) == sig and (keeps is None or keeps(candidate, verdict)):
+                survivors.append(candidate)
+    return survivors

@@ -142,15 +142,16 @@ def plant_digit_run(state: dict[str, torch.Tensor], config: GemmaConfig, digit_i
                          f"{config.sliding_window_size}")
     if config.head_dim < 2 or len(PLANTED_CHANNELS) + 1 > config.hidden_size:
         raise ValueError("plant_digit_run needs head_dim >= 2 and hidden_size > 4")
-    _isolate_channels(state, config.num_hidden_layers)
+    isolate_channels(state, config.num_hidden_layers, PLANTED_CHANNELS)
     _set_embeddings(state["embedder.weight"], digit_ids, plan)
     _counting_attention(state, config, plan)
     state["model.norm.weight"][list(PLANTED_CHANNELS)] = -1.0  # (1 + w) = 0: digits' logits 0
 
 
-def _isolate_channels(state: dict[str, torch.Tensor], num_layers: int) -> None:
+def isolate_channels(state: dict[str, torch.Tensor], num_layers: int,
+                     channels: tuple[int, ...]) -> None:
     """No layer reads or writes the planted channels (layer 0's attention is set afterwards)."""
-    ch = list(PLANTED_CHANNELS)
+    ch = list(channels)
     for i in range(num_layers):
         p = f"model.layers.{i}."
         state[p + "self_attn.qkv_proj.weight"][:, ch] = 0.0
