@@ -63,7 +63,7 @@ def finalize_every_deletion(session: Session, spec: PromptSpec, sig, step: int):
 
     start = session.run([spec], POLICY, capped)[0]
     if start.nonfinite and session.signature(start) == sig and holds(spec, start):
-        spec, _ = minimize_text(session, spec, POLICY, sig, capped, keeps=holds, found=start)
+        spec = minimize_text(session, spec, POLICY, sig, capped, keeps=holds, found=start).spec
     return assess(session, spec, POLICY)
 
 

@@ -127,8 +127,9 @@ def main() -> None:
     minimized = []
     for r in raw[: args.minimize]:
         spec = PromptSpec(r.verdict.prompt, add_bos=False)
-        small, verdict = minimize_text(session, spec, POLICY, r.signature,
-                                       session.capped(r.verdict.first_nonfinite.step))
+        result = minimize_text(session, spec, POLICY, r.signature,
+                               session.capped(r.verdict.first_nonfinite.step))
+        small, verdict = result.spec, result.verdict
         after = verdict.margin if verdict is not None else r.verdict.margin
         minimized.append([repr(r.verdict.prompt[:40]), r.verdict.margin, repr(small.text[:40]),
                           after])

@@ -9,7 +9,7 @@ Exit codes:
            --fail-on-new, a new case was saved), 130 interrupted
   check    0 finite, 1 non-finite, 3 inconclusive (the time limit stopped the run)
   add      0 saved (or already covered), 1 refused (finite, inconclusive, or marginal)
-  minimize 0 every cut case finished or still holding, 1 a case no longer fails
+  minimize 0 done (or the budget ended), 1 a case no longer fails or its model is not the case's
   replay   0 every check passed, 1 a regression or a case that no longer reproduces
   compare  0 every engine agrees, 1 one diverges
   advise   0 with a recommendation, 1 without one
@@ -18,6 +18,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -29,6 +30,7 @@ from fuzz.corpus import Case, Corpus
 from fuzz.engine.loaded import ENGINES
 from fuzz.long import LONG_BATCH_SIZE, LONG_MAX_NEW_TOKENS, profile_bounds
 from fuzz.precision import POLICIES
+from fuzz.report.describe import plural
 from fuzz.session import DEFAULT_BATCH_SIZE, ModelOptions, Session
 from fuzz.strategies.long import LONG_MAX_PROMPT_TOKENS
 from fuzz.verdict import (
@@ -308,6 +310,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if regressions or stale or errors else 0
 
 
+# --- minimize ----------------------------------------------------------------------------------
+def cmd_minimize(args: argparse.Namespace) -> int:
+    from fuzz.corpus.replay import is_model_path
+    from fuzz.corpus.resume import resume_all
+
+    corpus = Corpus(Path(args.corpus))
+    if not corpus.root.is_dir():
+        raise InputError(f"--corpus {args.corpus}: no such directory; give the directory holding "
+                         "<model>/<case-id>.json files")
+    override, model = None, args.model
+    if is_model_path(args.model):  # a file model's cases, on the file given
+        override = ModelOptions(args.model, args.variant, args.config, args.tokenizer)
+        model = Session.open(dataclasses.replace(override, device=args.device)).model.name
+    rows = resume_all(corpus, args.budget, model, unrecorded=args.all, device=args.device,
+                      override=override)
+    for row in rows:
+        print(f"{row.label:<22} {row.status:<16} {row.before:>28} -> {row.after:<28} "
+              f"{row.detail}")
+    counts = {status: sum(r.status == status for r in rows) for status in
+              ("finished", "progressed", "unchanged", "left", "skipped", "no-longer-fails",
+               "error")}
+    if rows:
+        print(f"\n{plural(len(rows), 'case')} to minimize: "
+              + ", ".join(f"{n} {status}" for status, n in counts.items() if n))
+    else:
+        print("no case to minimize: every case is 1-minimal"
+              + ("" if args.all else " or records nothing (--all minimizes those too)"))
+    return 1 if any(r.failed for r in rows) else 0
+
+
 # --- run ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from fuzz.run import FuzzJob
@@ -367,6 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-site", action="store_true",
                    help="also fail when a case still fails but its first site moved")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "minimize", help="finish minimizing the cases whose minimizing was stopped",
+        description="Resumes the cases whose minimizing was stopped (or never ran) until each "
+                    "is 1-minimal (no single-character deletion keeps its failure) or the "
+                    "budget ends, under the rules a run uses: signature and margin kept, the "
+                    "result checked under every kernel variation, the case's own bounds; a case "
+                    "file is replaced only by a prompt that holds everywhere. Exit 0 done (or "
+                    "the budget ended), 1 a case no longer fails or its model is not the case's,"
+                    " 2 bad input.")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+    p.add_argument("--model", help="only cases of this model: its name, or the path of a file or "
+                                   "directory model to run its cases on")
+    p.add_argument("--variant", help="upstream variant of a gemma_pytorch --model checkpoint")
+    p.add_argument("--config", help="GemmaConfig JSON of a gemma_pytorch --model checkpoint")
+    p.add_argument("--tokenizer", help="SentencePiece .model of a gemma_pytorch --model checkpoint")
+    p.add_argument("--budget", type=parse_duration, default=parse_duration("10m"),
+                   help="how long to minimize in all, e.g. 90s, 10m (default 10m)")
+    p.add_argument("--all", action="store_true",
+                   help="also cases that record nothing about minimizing (written before the "
+                        "record existed, or added by hand with `add`)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_minimize)
 
     p = sub.add_parser("compare", help="the same prompts through several engines, side by side")
     g = p.add_argument_group("model")

@@ -14,7 +14,7 @@ from fuzz.strategies.long import LONG_MAX_PROMPT_TOKENS, SLIDING_WINDOW, long_pr
 from fuzz.verdict import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, Bounds
 
 LONG_MAX_NEW_TOKENS = 128
-# Per generate() call. Measured on Gemma 3 270M, 2 shared CPU cores (README, "Long
+# Per generate() call. Measured on Gemma 3 270M, 2 shared CPU cores (docs/GUIDE.md, "Long
 # generations"): a batch of long prompts with 128 decode steps runs for minutes, and a run cut by
 # the time limit is only inconclusive, so the limit is generous.
 LONG_TIME_LIMIT_S = 1800.0

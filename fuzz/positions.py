@@ -23,7 +23,7 @@ import torch
 from fuzz.engine.interface import Engine, TokenizerLike
 from fuzz.generate import generate
 from fuzz.probe import abs_max
-from fuzz.verdict import Bounds, PromptSpec, Verdict, from_json_safe, json_safe
+from fuzz.verdict import FLOAT16_MAX, Bounds, PromptSpec, Verdict, from_json_safe, json_safe
 
 
 @dataclass
@@ -44,6 +44,9 @@ class PositionMap:
     # residual_mlp (after residual_attn), so the line reads in execution order
     channel_values: list[tuple[str, float, float]] = field(default_factory=list)
     limit: Optional[float] = None  # the limit at the first non-finite site
+    # "float16" when the ratios are against float16's limit: a wider dtype's own (~3.4e38) is
+    # never near, and one colour over the whole map says nothing (reference_limit)
+    against: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -66,6 +69,14 @@ class PositionMap:
         return max(values, default=0.0)
 
 
+def reference_limit(dtype: torch.dtype) -> tuple[float, Optional[str]]:
+    """What a site's values are measured against: its dtype's largest value, or float16's for a
+    wider dtype (the question a float32 or bfloat16 run answers: would it survive in float16?
+    as the report's "vs float16"); the second item names float16 in that case."""
+    own = float(torch.finfo(dtype).max)
+    return (FLOAT16_MAX, "float16") if own > FLOAT16_MAX else (own, None)
+
+
 class PositionRecorder:
     """A Recorder for a run alone (batch of one): per step, each layer's per-position max of
     max |x| / limit; on `channel_step`, `channel`'s unrounded value at `column` of each add."""
@@ -78,6 +89,7 @@ class PositionRecorder:
         # per step: {row index: tensor [T] of ratios}
         self.steps: list[dict[int, torch.Tensor]] = []
         self.channel_values: list[tuple[str, float, float]] = []
+        self.against: Optional[str] = None
 
     def site(self, layer: int, name: str, x: torch.Tensor) -> None:
         if name == "embedding":
@@ -88,7 +100,9 @@ class PositionRecorder:
         if self.step > self.last_step:
             return
         # NaN counts as non-finite: an inf ratio, which the picture marks
-        ratio = abs_max(x, (1, 3) if x.dim() == 4 else -1)[0] / float(torch.finfo(x.dtype).max)
+        limit, against = reference_limit(x.dtype)
+        self.against = self.against or against
+        ratio = abs_max(x, (1, 3) if x.dim() == 4 else -1)[0] / limit
         ratio = torch.nan_to_num(ratio.cpu(), nan=math.inf, posinf=math.inf)
         row = layer + 1
         table = self.steps[-1]
@@ -148,7 +162,7 @@ def _assemble(rec: PositionRecorder, verdict: Verdict, layers: int) -> PositionM
         policy=verdict.policy, step=len(rec.steps) - 1, rows=labels, positions=positions,
         tokens=[ids[p] if p < len(ids) else -1 for p in positions], ratio=columns, first=cell,
         first_site=first.site if first else None, channel=first.channel if first else None,
-        channel_values=rec.channel_values, limit=verdict.limit)
+        channel_values=rec.channel_values, limit=verdict.limit, against=rec.against)
 
 
 def session_position_map(session: Any, spec: PromptSpec, verdict: Verdict,

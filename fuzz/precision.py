@@ -4,8 +4,8 @@ The plain policies run the whole model in one dtype, exactly as upstream does wh
 model under `torch.set_default_dtype`. The mitigated ones depart from upstream on purpose, the way
 other projects patched the same overflow (docs/NUMERICS.md):
 - float16-clamp: clamp the residual stream and every norm output to finfo(float16).max - 1000
-  (T5's fix in transformers PR #9487; Gemma 3 fixes #36831/#36832). Measured on Gemma 3 270M: keeps
-  every prompt finite.
+  (T5's fix in transformers PR #9487; Gemma 3 fixes #36831/#36832). Declared safe: the replay
+  checks it on every corpus prompt.
 - float16-fp32-residual: keep the residual stream (and the post-norm branches added to it) in
   float32, matmuls in float16 (the vLLM approach).
 `expected_safe` is a declaration, checked by the regression replay: a policy declared safe must stay

@@ -224,13 +224,12 @@ def pytest_configure(config: pytest.Config) -> None:
     else:
         profile, threads = resolve_profile(config), None
     if profile is not None:
-        register_profiles()
-        # --hypothesis-profile and HYPOTHESIS_PROFILE name the profile themselves: they win.
-        if not config.getoption("hypothesis_profile", None) and \
-                not os.environ.get("HYPOTHESIS_PROFILE"):
-            from hypothesis import settings
+        from hypothesis import settings
 
-            settings.load_profile(profile)
+        register_profiles()
+        # HYPOTHESIS_PROFILE names one itself (gemma-nightly, or the project's own); Hypothesis's
+        # plugin loads --hypothesis-profile after this hook (tryfirst), so that one wins too.
+        settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or profile)
     if threads is not None:
         import torch
 

@@ -12,6 +12,7 @@ failing prompt of any signature still being shrunk, and writes the report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import shlex
@@ -38,11 +39,15 @@ from fuzz.search.proposals import Proposer
 from fuzz.search.round import BudgetExhausted, NewSignature, Search, round_strategy
 from fuzz.search.schedule import Mode, Schedule
 from fuzz.session import ModelOptions, Session
+from fuzz.shrink.minimize import not_minimized
 from fuzz.shrink.robustness import assess, finalize
 from fuzz.strategies import prompts
 from fuzz.verdict import Bounds, Signature, Verdict
 
-MARGINAL_TRIES = 2  # marginal findings of one signature before this run stops chasing it
+# Marginal findings of one signature before this run stops chasing it: each costs a minimization
+# and every kernel variation (20-38 s for one on Gemma 3 270M: benchmarks/README.md,
+# bench_finalize), and a signature marginal twice is at the edge of the limit on this machine.
+MARGINAL_TRIES = 2
 
 
 @dataclass
@@ -75,6 +80,7 @@ class FuzzJob:
     progress: Optional[Progress] = None
     _proposers: dict[str, Proposer] = field(default_factory=dict)
     _misses: dict[str, MissPool] = field(default_factory=dict)  # per mode, across its rounds
+    resumed: list[str] = field(default_factory=list)  # cases minimized on first (their outcome)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
@@ -124,6 +130,7 @@ class FuzzJob:
                   file=sys.stderr)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
+            self._resume_minimizing()
             self._search()
         except KeyboardInterrupt:
             self.stopped = "interrupted"
@@ -138,6 +145,22 @@ class FuzzJob:
             for path in write_report(summary, self.report):
                 print(f"report: {path}")
         return self.exit_code()
+
+    def _resume_minimizing(self) -> None:
+        """First, within one finding's share of the budget (fuzz.search.schedule), this model's
+        cases whose minimizing an earlier run stopped (fuzz.corpus.resume): the corpus gets
+        1-minimal cases without anyone running `fuzz minimize`."""
+        from fuzz.corpus.resume import resume_all, unfinished
+
+        if not unfinished(self.corpus, self.session.model.name):
+            return
+        rows = resume_all(self.corpus, self.schedule.finding_limit_s, self.session.model.name,
+                          device=self.session.device)
+        self.resumed = [f"{r.label}: {r.status} ({r.before} -> {r.after or '-'})" for r in rows]
+        if not self.quiet:
+            for line in self.resumed:
+                print(f"resumed minimizing {line}", file=sys.stderr)
+        self.known = self.corpus.signatures(self.session.model.name)
 
     def exit_code(self) -> int:
         """130 interrupted; 1 when a policy declared safe went non-finite (a regression), or
@@ -224,7 +247,10 @@ class FuzzJob:
             self._unmeasured(found, err.screened.signature, how)
             return
         if how in ("interrupted", "cut"):  # unminimized, but a case must still hold everywhere
-            assessment = assess(self.session, err.spec, found.policy, deadline=measure_by)
+            assessment = dataclasses.replace(
+                assess(self.session, err.spec, found.policy, deadline=measure_by),
+                minimization=not_minimized("the run was interrupted" if how == "interrupted"
+                                           else "the budget's tail left no time to minimize"))
         else:
             # minimizing gets the finding's own limit too, so that other modes keep their turns
             minimize_by = min(self.schedule.minimize_deadline,
@@ -251,6 +277,7 @@ class FuzzJob:
             status, path = "marginal", None
         finding = self.summaries[verdict.policy].add_finding(
             verdict, status, path, case.signature, how, case.margin, case.robustness)
+        finding.minimization = case.minimization
         # the report's heat map: one more run of the saved prompt, keeping per-position maxima
         # (not after Ctrl-C/SIGTERM: the user asked the job to stop; not past the budget)
         if how != "interrupted" and time.monotonic() < measure_by:

@@ -33,7 +33,7 @@ from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 # Prompts per batch, unless a command says otherwise. Each batch is one Hypothesis example, so a
 # bigger one also shrinks and targets more coarsely; and float16, the policy that finds things,
 # screens fastest at 8 on a CPU without avx512_fp16 (2.33 prompts/s at 8, 2.03 at 32, 2.04 at 64:
-# benchmarks/README.md, "Throughput").
+# benchmarks/README.md, "Screening throughput").
 DEFAULT_BATCH_SIZE = 8
 
 # A verdict from a non-faithful screening kernel is re-run with the faithful one (native float16)

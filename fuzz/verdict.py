@@ -16,8 +16,9 @@ FLOAT16_MAX = 65504.0
 
 DEFAULT_MAX_NEW_TOKENS = 16  # gemma_pytorch#10 went NaN after ~13 decode steps
 DEFAULT_MAX_PROMPT_TOKENS = 96  # covers llama.cpp's 64-token kernel switch with room to spare
-# Per generate() call: a batch of 8 default prompts takes seconds on a 2-core CPU; a run stopped
-# by it is inconclusive, never finite, so the limit only has to catch a hung kernel.
+# Per generate() call: ~35x the slowest default batch measured (8 prompts, 16 new tokens, float16
+# on a 2-core CPU without avx512_fp16: 3.4 s at 2.33 prompts/s, benchmarks/README.md). A run it
+# stops is inconclusive, never finite, so it only has to catch a hung or pathological call.
 DEFAULT_TIME_LIMIT_S = 120.0
 
 
@@ -227,21 +228,29 @@ class Verdict:
             return None
         return first.unrounded / limit
 
-    def headroom(self, content_only: bool = False) -> dict[str, dict[str, float]]:
+    def headroom(self, content_only: bool = False,
+                 against: Optional[float] = None) -> dict[str, dict[str, float]]:
+        """{layer: {site: limit / max |x|}}, each site against its dtype's limit, or against
+        `against` (FLOAT16_MAX: would this run survive in float16?)."""
         table = self.content_max_abs if content_only else self.max_abs
         out: dict[str, dict[str, float]] = {}
         for layer, sites in table.items():
             for site, value in sites.items():
-                limit = self.limits.get(f"{layer}/{site}", float("inf"))
+                limit = against or self.limits.get(f"{layer}/{site}", float("inf"))
                 out.setdefault(layer, {})[site] = _headroom(limit, value)
         return out
+
+    @property
+    def wider_than_float16(self) -> bool:
+        """Every site's dtype holds far more than float16 (a float32 or bfloat16 run): its own
+        headroom, ~1e33, says nothing; float16's does."""
+        return bool(self.limits) and min(self.limits.values()) > FLOAT16_MAX
 
     def float16_headroom(self, content_only: bool = True) -> float:
         """65504 over the largest |x| anywhere: whether this run would survive in float16 (the
         figure that means something for a float32 or bfloat16 run, whose own limit is ~1e38)."""
-        table = self.content_max_abs if content_only else self.max_abs
-        values = [v for sites in table.values() for v in sites.values()]
-        return min((_headroom(FLOAT16_MAX, v) for v in values), default=float("inf"))
+        table = self.headroom(content_only, against=FLOAT16_MAX)
+        return min((h for sites in table.values() for h in sites.values()), default=float("inf"))
 
     def min_headroom(self, content_only: bool = False) -> float:
         """The smallest headroom over every site (0 when something was non-finite)."""

@@ -107,3 +107,24 @@ def test_case_holds_under_every_kernel_variation(loaded: LoadedCase, variation, 
         f"{loaded.path}: {case.policy} is {verdict.status} under '{variation.name}': this case "
         f"would not fail on a machine whose kernels round that way")
 
+
+
+def test_a_no_bos_case_whose_failure_moves_to_another_content_position_has_not_moved():
+    """Without BOS every position is content: a first non-finite value at position 0 and one at
+    position 3, same layer and site, are one signature (replay compared `position == 0`)."""
+    import dataclasses
+
+    from fuzz.corpus import Case
+    from fuzz.corpus.replay import ReplayCheck, run_check
+    from fuzz.session import Session
+    from fuzz.verdict import Bounds, PromptSpec
+
+    session = Session.open(ModelOptions("tiny-planted", device="cpu"), Bounds(max_new_tokens=1))
+    case = Case.of(session, session.check(PromptSpec("7", add_bos=False), "float16"))
+    assert case.first_nonfinite.position == 0 and not case.add_bos
+    elsewhere = dataclasses.replace(case, first_nonfinite=dataclasses.replace(
+        case.first_nonfinite, position=3))
+    assert elsewhere.signature == case.signature  # one crash bucket
+    outcome = run_check(ReplayCheck(LoadedCase(elsewhere, Path("x.json")), "float16",
+                                    "reproduce"), session, strict_site=True)
+    assert outcome.ok and not outcome.moved

@@ -210,8 +210,7 @@ def test_known_signature_is_not_saved_again(tmp_path: Path) -> None:
     assert second.status == "known-signature"
     assert second.existing == (first.path,)
     assert json_files(tmp_path / "tiny") == [first.path]
-    assert store.has_signature(make_case("prompt A").signature)
-    assert not store.has_signature(make_case("prompt A", policy="bfloat16").signature)
+    assert store.signatures("tiny") == {make_case("prompt A").signature}
 
 
 def test_force_saves_a_second_prompt_for_a_known_signature(tmp_path: Path) -> None:
@@ -240,9 +239,10 @@ def test_save_without_hard_links_falls_back_to_exclusive_create(
     monkeypatch.setattr(os, "link", no_links)
     store = Corpus(tmp_path)
     case = make_case()
-    assert store.save(case).status == "saved"
+    saved = store.save(case)
+    assert saved.status == "saved"
     assert store.save(make_case(note="again")).status == "duplicate-file"
-    assert load_case(store.path_for(case)) == case
+    assert load_case(saved.path) == case
     assert store.orphans() == []
 
 

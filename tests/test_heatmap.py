@@ -143,3 +143,22 @@ def test_fuzz_run_maps_its_findings(tmp_path):
     findings = [f for p in doc["policies"] for f in p["findings"]]
     assert findings and all(f["positions"] is not None for f in findings)
     assert list(tmp_path.glob("report.float16.finding-*.png"))
+
+
+def test_a_wider_dtypes_map_and_plot_measure_against_float16(session, tmp_path):
+    """`check --plot` under bfloat16 drew one colour (every cell below 1e-4 of bfloat16's limit):
+    a wider dtype is measured against float16's limit, as the report's "vs float16" is."""
+    from fuzz.report.plots import _headroom_series
+
+    spec = PromptSpec(PLANTED)
+    verdict = session.check(spec, "bfloat16")
+    m = session_position_map(session, spec, verdict)
+    assert verdict.finite and m.against == "float16"
+    planted_row = m.rows.index("2")
+    # the planted trigger's residual passes float16's limit (finite in bfloat16): ratio > 1
+    assert max(v for v in m.ratio[planted_row] if v is not None) > 1.0
+    assert "float16's limit (65504)" in heatmap_figure(m).texts[0].get_text()
+    series = _headroom_series(verdict, {label: i for i, label in enumerate(verdict.max_abs)},
+                              False, "all", "#000000")
+    assert min(series.y) < 1.0  # against 65504, not against bfloat16's 3.4e38
+    assert verdict.wider_than_float16 and not session.check(spec, "float16").wider_than_float16

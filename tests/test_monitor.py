@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -185,6 +186,11 @@ def test_report_names_the_worst_site_of_every_layer_and_each_step():
     assert rows[1 + 1 + TINY_PLANTED_LAYER][1:4] == ["residual_mlp", "inf", "0"]
     assert rows[8][1:] == ["2", "0", str(TINY_PLANTED_LAYER), "residual_mlp"]  # step 0: 2 tokens
     assert m.table()[str(TINY_PLANTED_LAYER)]["residual_mlp"] == 0.0
+    # Markdown: every row of a table has as many cells as its header ("max |x|" is escaped)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in table]
+    assert set(cells) == {7}  # 5 columns between 6 pipes
+    assert "max \\|x\\|" in table[0]
 
 
 def test_detach_removes_every_hook():

@@ -193,13 +193,15 @@ def test_what_it_sees(request):
 
 
 def _opted_in_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                  ini: str, *extra: str, ci: bool = False) -> dict:
+                  ini: str, *extra: str, ci: bool = False, keep_profile_env: bool = False
+                  ) -> dict:
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir(exist_ok=True)
     monkeypatch.setenv("SEEN_DIR", str(seen_dir))
     for inherited in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # of this test's run
         monkeypatch.delenv(inherited, raising=False)
-    monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    if not keep_profile_env:
+        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
     if ci:
         monkeypatch.setenv("CI", "true")
     else:
@@ -225,6 +227,13 @@ def test_a_project_that_opts_in_gets_the_profiles(pytester, monkeypatch, tmp_pat
                          ci=ci)
     assert (seen["profile"], seen["max_examples"]) == (profile, max_examples)
     assert seen["derandomize"] == ci
+
+
+def test_hypothesis_profile_in_the_environment_names_the_profile(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "gemma-nightly")
+    seen = _opted_in_run(pytester, monkeypatch, tmp_path, "gemma_fuzz_profiles = true",
+                         keep_profile_env=True)
+    assert (seen["profile"], seen["max_examples"]) == ("gemma-nightly", 2000)
 
 
 def _default_threads() -> int:

@@ -171,7 +171,9 @@ def test_margins_and_robustness_are_shown_and_marginal_is_not_saved(tmp_path: Pa
     assert md.count("`'1234'`") == 1
     # BOS off: 2 finite + 4 non-finite (1 marginal finding, 2 distinct marginal prompts)
     assert "| off | 6 | 0 | 4 | 0 | 0 | 3 | 0 | 2.18 | non-finite on 4 of 6 examples |" in md
-    assert "2 findings: 1 new (saved), 1 marginal (not saved)" in md
+    # one count of marginal failures everywhere: the headline, the table and the console
+    assert ("2 findings: 1 new (saved), 3 marginal (failed short of the margin a case needs: "
+            "not saved)") in md
     page = render_html(s)
     assert "<script>" not in page and "&lt;script&gt;" in page and "99 &amp; &lt;b&gt;" in page
     assert "1.0120 x the limit (66290 unrounded &gt; 65504)" in page
@@ -223,3 +225,39 @@ def test_the_header_names_each_policys_screening_kernel_and_the_trial(tmp_path: 
     back = RunSummary.from_json(s.to_json())
     assert (back.screening_kernels, back.kernel_trial_speedup) == (s.screening_kernels, 1.274)
     assert render_markdown(back) == md
+
+
+def test_the_console_summary_counts_and_words_as_the_report_does(tmp_path: Path, capsys) -> None:
+    """A first run's console said "0 marginal" where the report's table and JSON said 1, and gave
+    float32's headroom against its own limit (6.73e+33) where the report gave it against
+    float16's ("1.29 (vs float16)")."""
+    from fuzz.report.progress import print_summary
+
+    s = marginal_summary(tmp_path)
+    print_summary(s)
+    out = capsys.readouterr().out
+    assert "3 marginal (failed short of the margin a case needs: not saved)" in out
+    assert "float16 no-BOS" in out and ", 3 marginal," in out
+    md = render_markdown(s)
+    assert "| 0.63 (vs float16) |" in md  # float32 with BOS: 65504 / 1.04e5
+    assert "best content headroom 0.63 (vs float16)" in out
+    assert "e+33" not in out
+
+
+def test_a_saved_case_not_known_to_be_minimal_is_counted_with_what_finishes_it(tmp_path: Path,
+                                                                               capsys) -> None:
+    from fuzz.report.progress import print_summary
+
+    s = run_summary(tmp_path)
+    s.policies[0].findings[0].minimization = {"state": "stopped", "why": "time",
+                                              "from_chars": 64, "chars": 40, "chunk": 2,
+                                              "runs": 96}
+    md = render_markdown(s)
+    assert "1 new (saved; 1 not 1-minimal: `python -m fuzz minimize` finishes it)" in md
+    assert ("- **Minimizing:** stopped by time at 2-character deletions (64 -> 40 characters, "
+            "96 runs)") in md
+    print_summary(s)
+    out = capsys.readouterr().out
+    assert "not 1-minimal (stopped by time" in out and "python -m fuzz minimize" in out
+    back = RunSummary.from_json(s.to_json())
+    assert back.policies[0].findings[0].minimization["state"] == "stopped"

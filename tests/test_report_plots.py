@@ -104,7 +104,10 @@ def test_figure_draws_groups_limit_and_nonfinite_markers_at_the_top() -> None:
 def test_figure_keeps_far_limits_off_the_chart() -> None:
     fig = verdict_figure(finite_verdict("x", 1.04e5, "float32", True, F32_MAX))
     ax_max, ax_head = fig.axes
-    assert ax_max.get_ylim()[1] < 1e7 and ax_head.get_ylim()[0] > 1e30
+    # float32's limit stays off the max |x| chart; its headroom is drawn against float16's limit
+    # (65504 / 1.04e5 = 0.63: this run would overflow in float16), as the report's tables give it
+    assert ax_max.get_ylim()[1] < 1e7 and ax_head.get_ylim()[0] < 0.63 < ax_head.get_ylim()[1]
+    assert "vs float16" in ax_head.get_ylabel()
     labels = [t.get_text() for t in ax_max.get_legend().get_texts()]
     assert any("float32 max" in t and "off the chart" in t for t in labels)
     assert not ax_max.collections  # nothing non-finite to mark
@@ -141,3 +144,30 @@ def test_headless_chromium_renders_the_report(tmp_path: Path) -> None:
                          timeout=120, check=True).stdout.decode("utf-8")
     assert BOS_PROMPT in dom
     assert dom.count("<img") == 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH "
+                    "(install it with: apt-get install -y chromium)")
+def test_a_long_prompt_wraps_instead_of_running_off_the_page(tmp_path: Path) -> None:
+    """A first run's float16 nearest-miss table ran off the right edge: a prompt of 300 '['
+    (no space to break at) must wrap inside the page's width."""
+    summary = run_summary(tmp_path, extra_prompt="[" * 300)
+    page = write_report(summary, tmp_path / "report")[1]
+    probe = tmp_path / "probe.html"
+    measure = ("<script>const misses = [...document.querySelectorAll('table')].find("
+               "t => t.textContent.includes('[[[['));"
+               "document.body.dataset.widths = document.documentElement.scrollWidth + ' ' + "
+               "Math.ceil(misses.getBoundingClientRect().right) + ' ' + window.innerWidth;"
+               "</script></body>")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", measure),
+                     encoding="utf-8")
+    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1000,800"]
+    dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True,
+                         timeout=120, check=True).stdout.decode("utf-8")
+    scroll, table, inner = map(int, re.search(r'data-widths="(\d+) (\d+) (\d+)"',
+                                              dom).groups())
+    assert "[" * 300 in dom.replace("&#91;", "[")  # the prompt is on the page, whole
+    assert table <= inner, f"the nearest-miss table reaches {table} px in a {inner} px window"
+    # a table too wide for the window (13 policy columns) scrolls in its own box: not the page
+    assert scroll <= inner, f"the page is {scroll} px wide in a {inner} px window"

@@ -4,6 +4,7 @@ its tail, nearest-miss mutants."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 
@@ -265,8 +266,13 @@ def test_a_seeded_round_keeps_its_example_database():
     assert unseeded._hypothesis_internal_use_seed == 7
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_the_progress_line_names_the_mode_and_only_figures_that_exist(monkeypatch):
-    progress = Progress(480.0, time.monotonic() - 10.0, quiet=False)
+    progress = Progress(480.0, time.monotonic() - 10.0, quiet=False, stream=_Terminal())
     progress.tick("float16 no-BOS", 23, 0, math.inf)
     first = progress.bar.desc
     progress.tick("float16 no-BOS", 40, 1, 1.04)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -45,16 +46,17 @@ def test_minimize_reaches_the_planted_trigger_and_keeps_the_signature(session):
     spec = PromptSpec("2147483647 and 0.0.0.70 kernel")
     verdict = session.run([spec], "float16")[0]
     sig = session.signature(verdict)
-    small, small_verdict = minimize_text(session, spec, "float16", sig)
-    assert small.text == "7"
+    result = minimize_text(session, spec, "float16", sig)
+    small, small_verdict = result.spec, result.verdict
+    assert small.text == "7" and result.one_minimal
     assert session.signature(small_verdict) == sig
 
 
 def test_minimize_leaves_an_irreducible_prompt_alone(session):
     spec = PromptSpec("7")
     sig = session.signature(session.run([spec], "float16")[0])
-    small, verdict = minimize_text(session, spec, "float16", sig)
-    assert small == spec and verdict is None
+    result = minimize_text(session, spec, "float16", sig)
+    assert result.spec == spec and result.verdict is None and result.one_minimal
 
 
 def test_deletion_candidates():
@@ -73,8 +75,10 @@ def test_a_prefill_failure_is_first_cut_after_its_failing_token():
     found = session.run([spec], "float16")[0]
     sig = session.signature(found)
     assert causal_prefix(session, spec, found).text == "00000000"
-    small, _ = minimize_text(session, spec, "float16", sig, max_evals=1, found=found)
-    assert small.text == "00000000"  # the cut alone: a 1-run budget
+    result = minimize_text(session, spec, "float16", sig, found=found,
+                           deadline=time.monotonic())
+    assert result.spec.text == "00000000" and result.runs == 2  # the cut, and its confirmation
+    assert result.stopped == "time"  # no deletion pass had the time to run
     trigger = PromptSpec("00000000", add_bos=True)
     assert causal_prefix(session, trigger, session.run([trigger], "float16")[0]) is None
     chat = dataclasses.replace(spec, chat=True)
@@ -95,14 +99,44 @@ def test_the_minimizer_runs_candidates_with_the_screening_kernel_and_confirms_hi
     real_run = session.run
 
     def spy(specs, policy, bounds=None):
-        runs.append((len(specs), current_kernel()))
+        runs.append(([s.text for s in specs], current_kernel()))
         return real_run(specs, policy, bounds)
 
     monkeypatch.setattr(session, "run", spy)
     spec = PromptSpec("2147483647 and 0.0.0.70 kernel")
     sig = session.signature(real_run([spec], "float16")[0])
-    small, _ = minimize_text(session, spec, "float16", sig)
-    assert small.text == "7"
-    assert {k for n, k in runs if n > 1} == {batches}
+    result = minimize_text(session, spec, "float16", sig)
+    assert result.spec.text == "7" and result.one_minimal
+    assert {k for texts, k in runs if len(texts) > 1} == {batches}
     if batches != "native":  # the confirmations: one prompt alone, faithful
-        assert {n for n, k in runs if k == "native"} == {1}
+        assert {len(texts) for texts, k in runs if k == "native"} == {1}
+    # the last pass, that finds nothing to delete from "7", runs again with the faithful
+    # kernel before the prompt is called 1-minimal
+    assert runs[-1] == ([""], "native")
+
+
+def test_a_signature_is_the_verdicts_own_and_the_cases(tmp_path):
+    """Session.signature reads the verdict (no Case is built for it: it ran on every screened
+    prompt), and it is the bucket its case gets."""
+    from fuzz.corpus import Case
+
+    session = Session.open(ModelOptions("tiny-planted", device="cpu"), Bounds(max_new_tokens=1))
+    verdict = session.check(PromptSpec("x 7"), "float16")
+    sig = session.signature(verdict)
+    assert sig == Case.of(session, verdict).signature
+    assert (sig.layer, sig.site, sig.at_bos) == (2, "residual_mlp", False)
+    assert session.signature(session.check(PromptSpec("x"), "float16")) is None
+
+
+def test_the_verdict_names_its_layers_and_the_limit_of_a_head_failure():
+    from fuzz.verdict import NonFinite, Verdict
+
+    table = {"embedding": {"embedding": 1.0}, "0": {"residual_mlp": 2.0},
+             "1": {"residual_mlp": 3.0}, "head": {"logits": float("inf")}}
+    head = NonFinite(step=0, layer=2, site="logits", position=4, token_id=9, kind="inf")
+    v = Verdict(prompt="p", prompt_ids=[1], add_bos=False, policy="float16", finite=False,
+                first_nonfinite=head, max_abs=table, content_max_abs=table,
+                limits={"head/logits": 65504.0, "0/residual_mlp": 65504.0})
+    assert v.num_layers == 2
+    assert [v.layer_label(i) for i in (-1, 0, 1, 2)] == ["embedding", "0", "1", "head"]
+    assert v.limit == 65504.0 and v.where == "step 0 layer 2 logits" and not v.at_bos

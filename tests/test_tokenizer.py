@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from gguf_files import add_vocabulary, finish
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -203,23 +204,9 @@ def _write_gguf_like_llama_cpp(tokenizer: Tokenizer, path: Path) -> None:
         scores.append(piece.score)
         types.append(gguf_type)
     writer = gguf.GGUFWriter(path, "gemma3")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(tokenizer.bos_id)
-    writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_unk_token_id(tokenizer.unk_id)
-    writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_add_bos_token(False)
-    _finish_gguf(writer)
-
-
-def _finish_gguf(writer: gguf.GGUFWriter) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_vocabulary(writer, tokens, scores, types, bos=tokenizer.bos_id, add_bos=False,
+                   eos=tokenizer.eos_id, unk=tokenizer.unk_id, pad=tokenizer.pad_id)
+    finish(writer)
 
 
 def test_from_gguf_rebuilds_the_same_model(tiny: Tokenizer, tmp_path: Path) -> None:
@@ -236,7 +223,7 @@ def test_gguf_without_tokenizer_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "no_tokenizer.gguf"
     writer = gguf.GGUFWriter(path, "gemma3")
     writer.add_block_count(1)
-    _finish_gguf(writer)
+    finish(writer)
     with pytest.raises(ValueError, match="tokenizer.ggml.model"):
         tokenizer_from_gguf(path)
 

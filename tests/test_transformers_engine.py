@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from recording import Keys  # noqa: E402
 
 pytest.importorskip("transformers", reason="the transformers engine needs transformers")
 
@@ -28,21 +29,6 @@ from fuzz.verdict import Bounds, PromptSpec
 
 TINY = ["tiny", "tiny-gemma1", "tiny-gemma2"]
 IDS = torch.tensor([[2, 40, 41, 300, 301, 302, 77, 78, 79, 80, 81, 90]])  # > the window of 8
-
-
-class Keys:
-    """A Recorder that keeps (layer, site) in order and the tensors of every site."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[int, str]] = []
-        self.values: dict[tuple[int, str], torch.Tensor] = {}
-
-    def site(self, layer: int, name: str, x: torch.Tensor) -> None:
-        self.keys.append((layer, name))
-        self.values[(layer, name)] = x.detach().float().clone()
-
-    def residual(self, layer: int, name: str, residual, branch, out) -> None:
-        self.site(layer, name, out)
 
 
 def forward(engine, rec, last_only=False):

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from recording import Keys  # noqa: E402
 
 pytest.importorskip("transformers", reason="Gemma 3n/4 run on transformers only")
 
@@ -25,22 +26,6 @@ pytest_plugins = ["pytester"]
 
 MODELS = ["tiny-gemma3n", "tiny-gemma4"]
 IDS = torch.tensor([[2, 40, 41, 300, 301, 302, 77, 78, 79, 80, 81, 90]])  # > the window of 8
-
-
-class Keys:
-    def __init__(self) -> None:
-        self.keys: list[tuple[int, str]] = []
-        self.shapes: dict[tuple[int, str], tuple[int, ...]] = {}
-        self.sums_ok = True
-
-    def site(self, layer: int, name: str, x: torch.Tensor) -> None:
-        self.keys.append((layer, name))
-        self.shapes[(layer, name)] = tuple(x.shape)
-
-    def residual(self, layer: int, name: str, residual, branch, out) -> None:
-        if name != "residual_laurel":  # that one is (a + b) / sqrt(2)
-            self.sums_ok &= bool(torch.equal(out, residual + branch))
-        self.site(layer, name, out)
 
 
 def test_configs_cover_what_the_architectures_add():

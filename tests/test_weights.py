@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_files import add_vocabulary, finish
 
 from fuzz.engine import weights
 from fuzz.engine.config import Architecture, AttentionType, GemmaConfig, get_model_config
@@ -230,12 +231,8 @@ def write_gguf(path: Path, config: GemmaConfig, state: dict[str, torch.Tensor], 
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if config.rope_wave_length:
         writer.add_rope_freq_base(config.rope_wave_length[AttentionType.GLOBAL])
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens())
-    writer.add_token_scores([0.0] * VOCAB)
-    writer.add_token_types([3] * 4 + [1] * (VOCAB - 4))
-    writer.add_bos_token_id(2)
-    writer.add_add_bos_token(True)
+    add_vocabulary(writer, tokens(), [0.0] * VOCAB, [3] * 4 + [1] * (VOCAB - 4), bos=2,
+                   add_bos=True)
     q_size = config.num_attention_heads * config.head_dim
     kv_size = config.num_key_value_heads * config.head_dim
     for gguf_name, key in weights.gguf_tensor_names(config).items():
@@ -254,10 +251,7 @@ def write_gguf(path: Path, config: GemmaConfig, state: dict[str, torch.Tensor], 
             writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
 @pytest.mark.parametrize("arch", list(GGUF_ARCH), ids=lambda a: a.name)
@@ -323,10 +317,7 @@ def test_gguf_unsupported_architecture(tmp_path):
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_token_list(tokens())
     writer.add_tensor("token_embd.weight", np.zeros((VOCAB, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     with pytest.raises(WeightsError, match=r"architecture 'llama' is not supported; supported: "
                                            r"gemma, gemma2, gemma3"):
         read_gguf(path)

@@ -64,6 +64,11 @@ class Case:
     # under every kernel variation (fuzz.shrink.robustness.Robustness.to_dict); None: not measured.
     margin: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
+    # How far minimizing got: {"state": "1-minimal" | "stopped" | "not minimized", ...}
+    # (fuzz.shrink.minimize.Minimized.record): a stopped or unminimized case is what
+    # `fuzz minimize` resumes. Optional: cases written before it existed, and prompts added by
+    # hand, have none (and then it is not written).
+    minimization: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION
 
     @classmethod
@@ -81,6 +86,7 @@ class Case:
         margin: dict[str, Any] | None = None,
         robustness: dict[str, Any] | None = None,
         model_location: str | None = None,
+        minimization: dict[str, Any] | None = None,
     ) -> Case:
         """Build a case from a failing verdict (ValueError for a finite one)."""
         if verdict.first_nonfinite is None:
@@ -105,13 +111,14 @@ class Case:
             margin=margin,
             robustness=robustness,
             model_location=model_location,
+            minimization=minimization,
         )
 
     @classmethod
     def of(cls, session: Session, verdict: Verdict, *, chat: bool = False,
            seed: int | None = None, strategy: str = "manual",
-           margin: dict[str, Any] | None = None,
-           robustness: dict[str, Any] | None = None) -> Case:
+           margin: dict[str, Any] | None = None, robustness: dict[str, Any] | None = None,
+           minimization: dict[str, Any] | None = None) -> Case:
         """The case of a failing verdict of this session's model, with the session's bounds,
         device and declared-safe policies."""
         return cls.from_verdict(
@@ -119,7 +126,8 @@ class Case:
             bounds=session.bounds.to_dict(),
             finder=finder_info(seed=seed, strategy=strategy, device=session.device),
             chat=chat, safe_policies=session.safe_policies, margin=margin,
-            robustness=robustness, model_location=session.model.location or None)
+            robustness=robustness, model_location=session.model.location or None,
+            minimization=minimization)
 
     @classmethod
     def of_assessment(cls, session: Session, assessment: Assessment, *,
@@ -129,7 +137,15 @@ class Case:
         margin = assessment.margin
         return cls.of(session, assessment.verdict, chat=assessment.spec.chat, seed=seed,
                       strategy=strategy, margin=margin.to_dict() if margin else None,
-                      robustness=assessment.robustness.to_dict())
+                      robustness=assessment.robustness.to_dict(),
+                      minimization=assessment.minimization)
+
+    @property
+    def minimal(self) -> bool | None:
+        """Whether the prompt is known to be 1-minimal (None: not recorded)."""
+        if self.minimization is None:
+            return None
+        return self.minimization.get("state") == "1-minimal"
 
     @property
     def signature(self) -> Signature:
@@ -151,8 +167,9 @@ class Case:
         doc["bounds"] = dict(self.bounds)
         doc["finder"] = dict(self.finder)
         doc["safe_policies"] = list(self.safe_policies)
-        if self.model_location is None:
-            del doc["model_location"]  # an older case's file stays byte for byte what it was
+        for optional in ("model_location", "minimization"):
+            if doc[optional] is None:
+                del doc[optional]  # an older case's file stays byte for byte what it was
         return json_safe(doc)
 
     def to_json(self) -> str:

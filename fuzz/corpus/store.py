@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fuzz.atomic import TMP_SUFFIX, write_atomic
+from fuzz.atomic import TMP_SUFFIX, fsync_directory, write_atomic
 from fuzz.corpus.case import Case, check_model_name, short_label
 from fuzz.corpus.validate import CorpusError, _case_from_document, _Invalid, load_case
 from fuzz.verdict import Signature
@@ -69,9 +69,6 @@ class Corpus:
         check_model_name(model)
         return self.root / model
 
-    def path_for(self, case: Case) -> Path:
-        return self.model_dir(case.model) / f"{case.case_id}.json"
-
     def models(self) -> list[str]:
         """Every model directory (hidden ones and __pycache__ excluded), sorted."""
         if not self.root.is_dir():
@@ -99,9 +96,6 @@ class Corpus:
     def signatures(self, model: str) -> set[Signature]:
         return {loaded.case.signature for loaded in self.cases(model)}
 
-    def has_signature(self, sig: Signature) -> bool:
-        return any(loaded.case.signature == sig for loaded in self.cases())
-
     def save(self, case: Case, *, force: bool = False) -> SaveResult:
         """Store a new case unless its id exists or (without force) its signature is known.
 
@@ -127,6 +121,30 @@ class Corpus:
             if not write_atomic(final, data, exclusive=True):
                 return SaveResult("duplicate-file", final, cid, (final,))
         return SaveResult("saved", final, cid)
+
+    def replace(self, old: LoadedCase, new: Case) -> SaveResult:
+        """Puts `new` (the same signature: a minimized or re-measured case) in place of `old`.
+
+        Under the directory lock the new file is published first and the old one removed
+        after, so a process killed in between leaves both, never neither nor half of one (the
+        next `fuzz minimize` finishes the job: it minimizes the old prompt to the same new one,
+        finds that file and removes the old). A new case with the old one's id (the same
+        prompt, a new record) is rewritten atomically: a reader sees the old file or the new."""
+        if new.signature != old.case.signature:
+            raise ValueError(f"{old.path}: a case is replaced only by one of its own signature, "
+                             f"not {new.signature}")
+        directory = self.model_dir(new.model)
+        data = _serialize(new)
+        final = directory / f"{new.case_id}.json"
+        with _exclusive_lock(directory):
+            if final == old.path:
+                write_atomic(final, data)
+                return SaveResult("saved", final, new.case_id, (old.path,))
+            published = write_atomic(final, data, exclusive=True)
+            old.path.unlink(missing_ok=True)
+            fsync_directory(directory)
+        return SaveResult("saved" if published else "duplicate-file", final, new.case_id,
+                          (old.path,))
 
     def orphans(self) -> list[Path]:
         """Temp files left by killed writers (hidden names ending in .tmp)."""

@@ -134,7 +134,8 @@ def _check_schema(doc: dict[str, Any]) -> None:
 
 
 _FIELD_TYPES = {f.name: f for f in dataclasses.fields(Case)}
-_OPTIONAL_FIELDS = {"safe_policies", "note", "model_location"}
+_OPTIONAL_FIELDS = {"safe_policies", "note", "model_location", "minimization"}
+MINIMIZATION_STATES = ("1-minimal", "stopped", "not minimized")
 _REQUIRED_FIELDS = tuple(sorted(set(_FIELD_TYPES) - _OPTIONAL_FIELDS))
 
 
@@ -263,6 +264,7 @@ def _case_from_document(doc: Any) -> Case:
         model_location=_optional_str("model_location", doc.get("model_location")),
         margin=_parse_margin(doc["margin"]),
         robustness=_parse_robustness(doc["robustness"]),
+        minimization=_parse_minimization(doc.get("minimization")),
     )
 
 
@@ -302,6 +304,22 @@ def _parse_robustness(value: Any) -> dict[str, Any] | None:
             _need_str(f"{where}.{key}", item[key])
         _need_number(f"{where}.margin", item["margin"], optional=True)
     return dict(rob)
+
+
+def _parse_minimization(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    record = _need_object("minimization", value)
+    _need_keys("minimization", record, ("state",))
+    if record["state"] not in MINIMIZATION_STATES:
+        raise _wrong_type("minimization.state", " or ".join(map(json.dumps, MINIMIZATION_STATES)),
+                          record["state"])
+    for key in ("from_chars", "chars", "chunk", "runs"):
+        if key in record:
+            _need_int(f"minimization.{key}", record[key], minimum=0)
+    if "why" in record:
+        _need_str("minimization.why", record["why"])
+    return dict(record)
 
 
 def load_case(path: Path) -> Case:

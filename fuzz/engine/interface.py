@@ -125,3 +125,24 @@ class TokenizerLike(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
     def chat_prompt(self, text: str) -> str: ...
+
+
+class ForeignEngine:
+    """What the adapters around other projects' models (fuzz.engine.upstream,
+    fuzz.engine.transformers) hold alike: our config (the layer count for the site table), the
+    dtype and device they run in, and no departure from their own numerics."""
+
+    numerics = FAITHFUL  # another project's model departs from itself in nothing
+
+    def __init__(self, config: GemmaConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.config = config
+        self._dtype, self._device = dtype, torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device

@@ -61,13 +61,14 @@ def kernel(name: str) -> Iterator[None]:
 
 
 def current_kernel() -> str:
+    """The kernel the built-in engine's matmuls run with here (`kernel` sets it)."""
     return _kernel.get()
 
 
 def _accumulate_in_float32(x: torch.Tensor, rows: int) -> bool:
     """Whether the current kernel computes this product (float16 operand `x`, `rows` rows) as
     float32 products rounded to float16 once."""
-    name = _kernel.get()
+    name = current_kernel()
     if x.dtype != torch.float16 or name == "native":
         return False
     return name == "fp32-accumulate" or rows >= WIDE_ROWS

@@ -243,8 +243,9 @@ def _num(x: float) -> str:
 
 
 def _markdown(headers: tuple[str, ...], rows: list[tuple]) -> list[str]:
-    """A fixed-width table that is also Markdown."""
-    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    """A fixed-width table that is also Markdown (a "|" inside a cell, as in "max |x|", is
+    escaped: unescaped it would split the cell)."""
+    cells = [[str(c).replace("|", "\\|") for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -62,7 +62,6 @@ from fuzz.report.plots import _headroom_series as _headroom_series
 from fuzz.report.plots import _layer_axis as _layer_axis
 from fuzz.report.text import (
     also_hit,
-    best_headroom_text,
     findings_total,
     group_findings,
     header_facts,
@@ -86,7 +85,7 @@ __all__ = [
     "DEFAULT_STEM", "DTYPE_MAX", "FINDING_STATUSES", "GROUP_COLORS", "NEAREST_MISSES",
     "REPORT_SUFFIXES", "SITE_GROUPS", "STOP_REASONS",
     "Finding", "ModeCounts", "PolicySummary", "RunSummary", "unique_misses",
-    "also_hit", "best_headroom_text", "bos_text", "bounds_text", "check_command",
+    "also_hit", "bos_text", "bounds_text", "check_command",
     "describe_nonfinite", "describe_position", "describe_step", "describe_terms",
     "layer_site_text", "findings_total", "fmt_duration", "fmt_headroom", "fmt_ratio",
     "fmt_value", "group_findings", "header_facts", "margin_text",

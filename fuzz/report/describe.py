@@ -168,6 +168,26 @@ def margin_text(margin: dict[str, Any] | None) -> str | None:
     return "; ".join(parts)
 
 
+def minimization_text(record: dict[str, Any] | None) -> str | None:
+    """fuzz.corpus.Case.minimization in words: '1-minimal (64 -> 12 characters, 210 runs)' or
+    'stopped by time at 2-character deletions (64 -> 30 characters, 96 runs)'."""
+    if not record:
+        return None
+    state = record.get("state", "?")
+    if state == "not minimized":
+        return f"not minimized ({record.get('why') or 'no reason recorded'})"
+    sizes = ""
+    if "from_chars" in record and "chars" in record:
+        sizes = f"{record['from_chars']} -> {plural(record['chars'], 'character')}"
+        if "runs" in record:
+            sizes += f", {plural(record['runs'], 'run')}"
+    if state == "1-minimal":
+        return "1-minimal" + (f" ({sizes})" if sizes else "")
+    chunk = record.get("chunk")
+    at = f" at {chunk}-character deletions" if chunk else ""
+    return f"stopped by {record.get('why') or '?'}{at}" + (f" ({sizes})" if sizes else "")
+
+
 def robustness_text(robustness: dict[str, Any] | None) -> str | None:
     """fuzz.shrink.robustness.Robustness.to_dict() in words: held under every variation, or
     why not."""

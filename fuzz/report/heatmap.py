@@ -45,7 +45,8 @@ def heatmap_figure(m: PositionMap, title: str = "", dpi: int = 100) -> Any:
     _draw_map(fig, axes[0], m, grid)
     if with_channel:
         _draw_channel(axes[1], m)
-    fig.suptitle(title or f"{m.policy}: max |x| / limit per layer and position", fontsize=11)
+    fig.suptitle(title or f"{m.policy}: max |x| / {limit_words(m)} per layer and position",
+                 fontsize=11)
     fig.subplots_adjust(left=0.09, right=0.97, bottom=0.08, top=0.88, hspace=0.4)
     return fig
 
@@ -60,6 +61,9 @@ def _draw_map(fig: Any, ax: Any, m: PositionMap, grid: Any) -> None:
     cmap = colormaps["viridis"].with_extremes(bad=NOT_COMPUTED_COLOR, over=NONFINITE_COLOR)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(np.maximum(grid, 1e-30))
+    # a finite value past float16's limit (a float32 run measured against it) is the scale's
+    # top colour; only non-finite cells are drawn past it
+    logs = np.where(np.isfinite(grid), np.minimum(logs, LOG_RANGE[1]), logs)
     logs[np.isinf(grid)] = LOG_RANGE[1] + 1.0
     image = ax.imshow(np.ma.masked_invalid(logs), aspect="auto", origin="lower", cmap=cmap,
                       vmin=LOG_RANGE[0], vmax=LOG_RANGE[1], interpolation="nearest")
@@ -82,9 +86,14 @@ def _draw_map(fig: Any, ax: Any, m: PositionMap, grid: Any) -> None:
     ax.set_xlabel(f"position ({steps})")
     ax.set_ylabel("layer")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
-    bar.set_label("log10(max |x| / limit); 0 = the limit")
+    bar.set_label(f"log10(max |x| / {limit_words(m)}); 0 = that limit")
     ax.legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0),
               ncol=len(handles), frameon=False, borderaxespad=0.2)
+
+
+def limit_words(m: PositionMap) -> str:
+    """'limit', or "float16's limit (65504)" when a wider dtype is measured against it."""
+    return "float16's limit (65504)" if m.against == "float16" else "limit"
 
 
 def _box(col: int, row: int) -> Any:

@@ -24,14 +24,15 @@ h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.3em}
 h2{font-size:1.3em;margin-top:1.8em;border-bottom:1px solid #eee;padding-bottom:.2em}
 h3{font-size:1.05em;margin-top:1.2em}
 code,pre{font-family:ui-monospace,'DejaVu Sans Mono',Menlo,Consolas,monospace;font-size:.92em}
-code{background:#f3f3f3;padding:.1em .3em;border-radius:3px;overflow-wrap:break-word}
+code{background:#f3f3f3;padding:.1em .3em;border-radius:3px;overflow-wrap:anywhere}
 pre{background:#f6f8fa;padding:.8em;border-radius:4px;white-space:pre-wrap;
 overflow-wrap:anywhere}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em;max-width:100%}
+.wide{overflow-x:auto} .wide table{max-width:none}
 th,td{border:1px solid #d0d0d0;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3} td.num{text-align:right}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}
-dl.facts dt{font-weight:600} dl.facts dd{margin:0}
+dl.facts dt{font-weight:600} dl.facts dd{margin:0;min-width:0}
 .finding{border-left:4px solid #d62728;padding:.2em 1em;margin:1em 0;background:#fff8f8}
 .finding.known{border-left-color:#999;background:#fafafa}
 .finding.marginal{border-left-color:#e0a000;background:#fffbf0}
@@ -100,7 +101,7 @@ def _html_policy_table(s: RunSummary) -> str:
             else:
                 cells.append(f"<td>{_t(value)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>" + "".join(rows) + "</table>"
+    return f'<div class="wide"><table><tr>{head}</tr>' + "".join(rows) + "</table></div>"
 
 
 def _html_policy(s: RunSummary, p: PolicySummary, png: bytes | None,

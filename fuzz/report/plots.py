@@ -22,10 +22,10 @@ from fuzz.report.describe import (
     prompt_literal,
 )
 from fuzz.search.accounting import DTYPE_MAX, RunSummary
-from fuzz.verdict import Verdict
+from fuzz.verdict import FLOAT16_MAX, Verdict
 
 # Site groups drawn as one line each (max over the group's sites at each layer). Names are those
-# the engine records (fuzz.engine.model.LAYER_SITES, plus embedding, final_norm and logits).
+# the engine records (fuzz.engine.interface.LAYER_SITES, plus embedding, final_norm and logits).
 SITE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("residual stream", ("embedding", "residual_attn", "residual_mlp")),
     ("norm outputs", ("input_layernorm", "post_attention_layernorm",
@@ -83,9 +83,11 @@ def _group_series(table: dict[str, dict[str, float]], xpos: dict[str, int], labe
 
 def _headroom_series(verdict: Verdict, xpos: dict[str, int], content_only: bool, label: str,
                      color: str) -> _Series | None:
-    """Min headroom over every site at each layer (0 marks an inf/nan site)."""
+    """Min headroom over every site at each layer (0 marks an inf/nan site); against float16's
+    limit for a wider dtype (Verdict.wider_than_float16), as the report's tables give it."""
     s = _Series(label, color)
-    for layer, sites in verdict.headroom(content_only).items():
+    against = FLOAT16_MAX if verdict.wider_than_float16 else None
+    for layer, sites in verdict.headroom(content_only, against).items():
         values = list(sites.values())
         if layer in xpos and values:
             bad = any(v == 0 for v in values)
@@ -269,7 +271,8 @@ def _draw_headroom(ax: Any, verdict: Verdict, xpos: dict[str, int]) -> None:
         ax.plot([], [], " ", label="headroom 1 (overflow) is far below")
     _log_y(ax)
     ax.set_ylim(bottom, top)
-    ax.set_ylabel("headroom (limit / max |x|)")
+    ax.set_ylabel("headroom vs float16 (65504 / max |x|)" if verdict.wider_than_float16
+                  else "headroom (limit / max |x|)")
     ax.grid(True, which="major", alpha=0.3)
     _legend(ax)
 

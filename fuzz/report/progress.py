@@ -3,44 +3,65 @@
 The progress line names the policy and BOS mode being searched and shows only figures that exist
 (no headroom before a prompt ended finite), e.g.
 `fuzz ▋ 133/480s | float16 no-BOS | screened 523 (3.9/s) | findings 1 | best headroom 1.04`.
-Not on a terminal (a CI log) it is written every 30 s instead of redrawn.
+Not on a terminal (a CI log) it is a plain line every LOG_INTERVAL_S instead of a redrawn bar.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
-from fuzz.report import RunSummary
 from fuzz.report.commands import add_command
-from fuzz.report.describe import fmt_headroom
-from fuzz.report.text import unmeasured_text
+from fuzz.report.describe import fmt_headroom, minimization_text, plural
+from fuzz.report.text import (
+    headroom_text,
+    marginal_text,
+    mode_tallies,
+    saved_text,
+    unmeasured_text,
+)
+from fuzz.search.accounting import RunSummary
+
+# Not on a terminal (a CI log), a plain line this often instead of a redrawn bar: tqdm's
+# carriage-return updates pile up on one line of a log file.
+LOG_INTERVAL_S = 30.0
 
 
 class Progress:
-    def __init__(self, budget_s: float, started: float, quiet: bool) -> None:
-        self.started = started
+    """The progress bar on a terminal; a plain line every LOG_INTERVAL_S in a log."""
+
+    def __init__(self, budget_s: float, started: float, quiet: bool,
+                 stream: Optional[TextIO] = None) -> None:
+        self.started, self.budget_s = started, budget_s
+        self.stream = stream or sys.stderr
         self.bar: Optional[Any] = None
-        if not quiet:
+        self.lines = not quiet and not self.stream.isatty()
+        self._last_line = -math.inf
+        if not quiet and not self.lines:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(budget_s), unit="s", dynamic_ncols=True,
-                            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            self.bar = tqdm(total=round(budget_s), unit="s", dynamic_ncols=True, mininterval=0.5,
                             bar_format="fuzz {bar} {n_fmt}/{total_fmt}s {desc}",
-                            file=sys.stderr)
+                            file=self.stream)
 
     def tick(self, mode: str, screened: int, findings: int, best_headroom: float) -> None:
-        if self.bar is None:
+        if self.bar is None and not self.lines:
             return
-        elapsed = time.monotonic() - self.started
-        self.bar.n = min(round(elapsed), self.bar.total)
+        now = time.monotonic()
+        elapsed = now - self.started
         rate = screened / elapsed if elapsed > 0 else 0.0
-        parts = [f"| {mode}", f"screened {screened} ({rate:.2g}/s)", f"findings {findings}"]
+        parts = [mode, f"screened {screened} ({rate:.2g}/s)", f"findings {findings}"]
         if math.isfinite(best_headroom):
             parts.append(f"best headroom {fmt_headroom(best_headroom)}")
-        self.bar.set_description_str(" | ".join(parts), refresh=False)
-        self.bar.update(0)
+        if self.bar is not None:
+            self.bar.n = min(round(elapsed), self.bar.total)
+            self.bar.set_description_str("| " + " | ".join(parts), refresh=False)
+            self.bar.update(0)
+        elif now - self._last_line >= LOG_INTERVAL_S:
+            self._last_line = now
+            print(f"fuzz {elapsed:.0f}/{self.budget_s:.0f}s | " + " | ".join(parts),
+                  file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -48,15 +69,14 @@ class Progress:
 
 
 def print_summary(run: RunSummary) -> None:
-    """Findings, then every (policy, BOS mode): prompts screened, time, best headroom, saturated
-    or never run (a warning: the budget was too short for every mode to get its share)."""
+    """Findings, then every (policy, BOS mode): prompts screened, time, non-finite, best
+    content headroom (against float16's limit for a wider dtype, as the report states it),
+    saturated or never run (a warning: the budget was too short for every mode)."""
     summaries = run.policies
     findings = [f for s in summaries for f in s.findings]
     print(f"\n{run.model}: {run.examples} prompts screened in {run.elapsed_s:.0f}s "
-          f"({run.stopped}); {len(findings)} new signature(s), "
-          f"{sum(f.is_new for f in findings)} saved to {run.corpus_dir}, "
-          f"{sum(f.is_marginal for f in findings)} marginal (not saved)"
-          f"{unmeasured_text(summaries)}")
+          f"({run.stopped}); {plural(len(findings), 'finding')}: {saved_text(summaries)} to "
+          f"{run.corpus_dir}{marginal_text(summaries)}{unmeasured_text(summaries)}")
     for f in findings:
         v, first = f.verdict, f.verdict.first_nonfinite
         bos = "on " if v.add_bos else "off"
@@ -65,17 +85,18 @@ def print_summary(run: RunSummary) -> None:
               f"pos {first.position}  prompt {v.prompt!r}  -> {f.case_path}")
         if f.is_unmeasured:
             print(f"    measure and save it: {add_command(run, v)}")
+        if f.saved_unminimal:
+            print(f"    not 1-minimal ({minimization_text(f.minimization)}): "
+                  "`python -m fuzz minimize` finishes it")
     for s in summaries:
-        for bos in s.bos_modes:
-            counts = s.mode(bos)
+        for (_, tally), bos in zip(mode_tallies(s), s.bos_modes):
             name = f"{s.policy} {'BOS' if bos else 'no-BOS'}"
-            if counts.examples == 0:
+            if tally.examples == 0:
                 print(f"  warning: {name} screened no prompt (the budget was too short for "
                       "every mode: give a longer --budget or fewer --policies)", file=sys.stderr)
                 continue
             note = " (saturated: every prompt failed at BOS under a known signature; given up)" \
-                if counts.saturated else ""
-            best = f", best content headroom {fmt_headroom(counts.best_headroom)}" \
-                if math.isfinite(counts.best_headroom) else ""
-            print(f"  {name:<28} {counts.examples:>6} prompts in {counts.seconds:5.0f}s, "
-                  f"{counts.nonfinite} non-finite{best}{note}")
+                if tally.saturated else ""
+            print(f"  {name:<28} {tally.examples:>6} prompts in {tally.seconds:5.0f}s, "
+                  f"{tally.nonfinite} non-finite, {tally.marginal} marginal, best content "
+                  f"headroom {headroom_text(tally)}{note}")

@@ -28,6 +28,7 @@ from fuzz.report.describe import (
     fmt_ratio,
     layer_site_text,
     margin_text,
+    minimization_text,
     plural,
     prompt_literal,
     robustness_text,
@@ -77,7 +78,8 @@ def _tally(p: PolicySummary, counts: ModeCounts, findings: list[Finding],
     wide = p.dtype != "float16" and counted
     return Tally(examples=examples, nonfinite=nonfinite, known=sum(counts.known.values()),
                  inconclusive=counts.inconclusive, new=sum(f.is_new for f in findings),
-                 marginal=counts.marginal + sum(f.is_marginal for f in findings),
+                 marginal=counts.marginal + sum(f.is_marginal for f in findings),  # as
+                 # PolicySummary.marginal_total counts it
                  finite=examples - nonfinite - counts.inconclusive,
                  headroom=counts.best_float16_headroom if wide else counts.best_headroom,
                  against="float16" if wide else (None if p.dtype == "float16" else p.dtype),
@@ -149,13 +151,11 @@ def tone(expected_safe: bool, t: Tally) -> str:
 
 
 def headroom_text(t: Tally) -> str:
+    """The best content headroom in words; a wider dtype's is against float16's limit (its own,
+    ~3.4e38, is never near), and says so."""
     if not t.finite:
         return "n/a (no finite example)"
     return fmt_headroom(t.headroom) + (f" (vs {t.against})" if t.against else "")
-
-
-def best_headroom_text(p: PolicySummary) -> str:
-    return headroom_text(policy_tally(p))
 
 
 POLICY_COLUMNS = ("policy", "dtype", "declared safe", "BOS", "examples", "seconds", "non-finite",
@@ -287,15 +287,31 @@ def findings_total(s: RunSummary) -> str:
     """'573 examples screened, 412 non-finite (412 under known signatures); 0 findings: ...'"""
     t = [policy_tally(p) for p in s.policies]
     examples, nonfinite = sum(x.examples for x in t), sum(x.nonfinite for x in t)
-    marginal = sum(p.marginal_findings for p in s.policies)
     text = (f"{plural(examples, 'example')} screened, {nonfinite} non-finite "
             f"({sum(x.known for x in t)} under known signatures); "
-            f"{plural(len(s.findings), 'finding')}: {sum(p.new_findings for p in s.policies)} "
-            f"new (saved), {marginal} marginal (not saved){unmeasured_text(s.policies)}.")
+            f"{plural(len(s.findings), 'finding')}: {saved_text(s.policies)}"
+            f"{marginal_text(s.policies)}{unmeasured_text(s.policies)}.")
     broken = [p.policy for p, x in zip(s.policies, t) if p.expected_safe and x.nonfinite]
     if broken:
         text += f" REGRESSION: declared safe, produced NaN/Inf: {', '.join(broken)}."
     return text
+
+
+def saved_text(policies: Iterable[PolicySummary]) -> str:
+    """'2 new (saved; 1 not 1-minimal: `python -m fuzz minimize` finishes it)'."""
+    policies = list(policies)
+    new, unminimal = (sum(p.new_findings for p in policies),
+                      sum(p.unminimal_findings for p in policies))
+    note = (f"; {unminimal} not 1-minimal: `python -m fuzz minimize` finishes "
+            f"{'it' if unminimal == 1 else 'them'}") if unminimal else ""
+    return f"{new} new (saved{note})"
+
+
+def marginal_text(policies: Iterable[PolicySummary]) -> str:
+    """', 3 marginal (failed short of the case margin: not saved)': prompts and findings alike,
+    the count the tables give."""
+    return (f", {sum(p.marginal_total for p in policies)} marginal (failed short of the margin "
+            "a case needs: not saved)")
 
 
 def unmeasured_text(policies: Iterable[PolicySummary]) -> str:
@@ -315,9 +331,9 @@ def policy_counts(p: PolicySummary) -> list[str]:
     return [f"Status: {policy_status(p)}.",
             f"{plural(t.examples, 'example')} (BOS {modes}): {t.nonfinite} non-finite ({t.known} "
             f"under known signatures), {t.inconclusive} inconclusive. "
-            f"{plural(len(p.findings), 'finding')}: {p.new_findings} new (saved), "
-            f"{p.known_findings} already in the corpus, {p.marginal_findings} marginal "
-            f"(not saved){unmeasured_text([p])}.",
+            f"{plural(len(p.findings), 'finding')}: {saved_text([p])}, "
+            f"{p.known_findings} already in the corpus{marginal_text([p])}"
+            f"{unmeasured_text([p])}.",
             f"Best content headroom: {headroom_text(t)}."]
 
 
@@ -371,7 +387,8 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
     optional = [("Overflow", describe_terms(v, p.dtype)),
                 ("Margin", margin_text(finding_margin(f))),
                 ("Robustness", robustness_text(f.robustness)),
-                ("Variations", variations_text(f.robustness))]
+                ("Variations", variations_text(f.robustness)),
+                ("Minimizing", minimization_text(f.minimization))]
     facts += [(label, [(value, False)]) for label, value in optional if value]
     if f.case_path:
         facts.append(("Case file", [(f.case_path, True)]))

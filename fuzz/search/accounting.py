@@ -58,6 +58,8 @@ class Finding:
     # fuzz.positions.PositionMap.to_dict() of the saved prompt (the finding's heat map), when
     # the run measured it
     positions: dict[str, Any] | None = None
+    # how far minimizing got (fuzz.corpus.Case.minimization), when the finding was measured
+    minimization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in FINDING_STATUSES:
@@ -89,11 +91,19 @@ class Finding:
     def is_unmeasured(self) -> bool:
         return self.status == "unmeasured"
 
+    @property
+    def saved_unminimal(self) -> bool:
+        """Saved to the corpus without being known 1-minimal: minimizing was stopped or did not
+        run (`fuzz minimize` resumes it)."""
+        return self.is_new and self.minimization is not None and \
+            self.minimization.get("state") != "1-minimal"
+
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": verdict_to_dict(self.verdict), "status": self.status,
                 "case_path": self.case_path, "signature": list(self.signature),
                 "explained": self.explained, "how": self.how, "margin": self.margin,
-                "robustness": self.robustness, "positions": self.positions}
+                "robustness": self.robustness, "positions": self.positions,
+                "minimization": self.minimization}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
@@ -102,7 +112,7 @@ class Finding:
                    signature=Signature.from_list(need(d, "signature", "finding")),
                    explained=d.get("explained"), how=d.get("how", "shrunk"),
                    margin=d.get("margin"), robustness=d.get("robustness"),
-                   positions=d.get("positions"))
+                   positions=d.get("positions"), minimization=d.get("minimization"))
 
 
 MAX_MARGINAL_EXAMPLES = 10
@@ -267,6 +277,18 @@ class PolicySummary:
     @property
     def unmeasured_findings(self) -> int:
         return sum(f.is_unmeasured for f in self.findings)
+
+    @property
+    def marginal_total(self) -> int:
+        """Failures not saved for want of margin, one count everywhere (summary, report, JSON):
+        distinct prompts that failed short of the case margin (never shrunk) plus marginal
+        findings (shrunk and measured, short under some kernel variation)."""
+        return sum(c.marginal for c in self.modes.values()) + self.marginal_findings
+
+    @property
+    def unminimal_findings(self) -> int:
+        """Cases saved without being known 1-minimal (`fuzz minimize` resumes them)."""
+        return sum(f.saved_unminimal for f in self.findings)
 
     @property
     def nonfinite(self) -> int:

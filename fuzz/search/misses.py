@@ -1,39 +1,16 @@
 """The nearest misses one (policy, BOS mode) steers by: closest to overflowing where no signature
 is known yet.
 
-A near miss counts for where it could lead. Once a signature at (layer, site) is known for the
-mode, prompts that come close there lead back to it: the first non-finite value decides the
-signature, so climbing toward that site yields known failures, which score nothing. Measured on
-Gemma 3 270M in float16 without BOS (benchmarks/bench_search_real.py, 10 minutes), with misses
-ranked by their least headroom anywhere: the default search kept editing runs of 224-260 `[` and
-found 4 kernel-robust signatures, all among the 6 that random draws found. Ranked here by the
-headroom at the *open* sites only, a miss is worth editing for the sites still unexplored. That
-alone did not change the count (same command and seed, 2026-12-02, benchmarks/README.md): the
-default found the same 4 signatures from `[` runs again, random 5. One family is near many sites
-at once: 200 `[` and a newline (finite) has headroom 1.08-1.24 at the residuals of layers 11-15
-(`python -m fuzz check --policy float16 --no-bos --prompt "$(printf '[%.0s' $(seq 200))"$'\n'`),
-and 224 / 240 / 248 / 260 of them first overflow at layer 14 attention / 13 MLP / 13 attention /
-11 MLP: closing a site leaves the family next to the others.
-
-So the pool keeps at most PER_FAMILY prompts of one *family*: prompts that differ only in how long
-their runs of one character are (`family`). The "repeat" mutation climbs a run's length, and
-without the cap every slot of the pool held one family's run lengths, so every mutant edited it.
-Same command and seed on another machine (2026-12-02, benchmarks/README.md): before the cap the
-default saved 3 signatures in 226 prompts, two of them `[` runs; with it 4 in 326 prompts, from
-four families (one `[` run); random draws 5 and 4 (its draws change with the code's literals).
-
-A marginal finding is a near miss too: a failure at an open site whose margin falls short of the
-one a regression case needs (fuzz.shrink.robustness) is `min_margin / margin` away from a case.
-Steering climbs toward the limit in small steps, so its first crossings are barely past it: on Gemma
-3 270M without BOS (benchmarks/bench_search_real.py, seeds 3 and 4, each prompt's arm logged) the
-edits of near misses first crossed it for 6 new signatures, every one at 1.002-1.017 (marginal,
-given up), fresh draws for 6, 5 of them at 1.022-1.125. Kept in the pool, such a failure is
-edited further past the limit.
-
-The report's nearest misses (fuzz.report.PolicySummary) stay ranked by headroom anywhere: what a
-user shipping float16 needs to know. Before any signature of the mode is known the two rankings
-are the same, but this pool takes no prompt without a content site measured (the empty prompt
-with BOS): there is nothing in it to edit toward.
+- Ranked by headroom at the *open* sites only (no known signature of the mode there): climbing
+  toward a known site yields known failures, which score nothing.
+- At most PER_FAMILY prompts of one *family* (prompts that differ only in the length of their
+  runs of one character): otherwise the "repeat" mutation fills every slot with one family.
+- A marginal finding (a failure at an open site short of the case margin) is a near miss
+  `min_margin / margin` away: steering crosses the limit in small steps, and the pool edits it
+  further past.
+What each of these changed, measured, is in docs/SEARCH.md. The report's nearest misses
+(fuzz.search.accounting.PolicySummary) stay ranked by headroom anywhere: what a user shipping
+float16 needs to know.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Gradient-guided proposals: single-token swaps that push a near miss toward float16's limit.
 
 A near miss is a prompt whose float16 run stayed finite but came close to 65504 at some content
-site. Random edits of it (fuzz.search.round.mutate_nearest) do not know which token matters; the
+site. Random edits of it (fuzz.strategies.mutants) do not know which token matters; the
 gradient does. HotFlip (Ebrahimi et al. 2018): with L the worst site's max |x| and e_i the input
 embedding at position i, swapping token i for token v changes L by about (e_v - e_i) . dL/de_i,
 so one forward + backward scores every (position, token) pair at once, and for all v the scores

@@ -46,8 +46,15 @@ from fuzz.session import Screened, Session
 from fuzz.strategies import mutants
 from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
-TARGET_CAP = 16.0  # score of a new signature (headroom 0): above any finite score
-SATURATION_PROBE = 16  # prompts a mode screens before it may be called saturated
+# target() scores lie in [-TARGET_CAP, TARGET_CAP]: -log2 of a distance to a new case. A finite
+# run's distance is its headroom (>= 1, so its score <= 0); max |x| ~1 against float16's 65504 is
+# 2^16 away, so every headroom a float16 run can show scores above -16, and a new signature's
+# +16 is above every miss.
+TARGET_CAP = 16.0
+# Prompts a mode screens before it may be called saturated: two batches of the default 8, so one
+# unlucky batch does not give a mode up; with BOS, float16 on Gemma 3 270M is given up after its
+# first two batches (every prompt dies at layer 7 on the BOS position: docs/NUMERICS.md).
+SATURATION_PROBE = 16
 
 
 class RoundOver(BaseException):
@@ -142,10 +149,8 @@ class Search:
     misses_pool: Optional[MissPool] = None
     # What the mutants edit: misses_pool's prompts, updated in place after every batch that raised
     # nothing, frozen once a failure is pending so that Hypothesis's replays of the failing
-    # choice sequence draw the same prompt. A pool snapshotted once per round left the first
-    # round (up to 320 prompts) without mutants; read live, the median prompts to the planted
-    # digit-run trigger went from 134.5 to 88 (RUN 24) and from 300.5 (seeds 0-7) to 88
-    # (RUN 40): benchmarks/README.md.
+    # choice sequence draw the same prompt (a pool read once per round left the first round
+    # without mutants: docs/SEARCH.md, "The live pool").
     live_pool: list[str] = field(default_factory=list)
 
     # time.monotonic() when the round's first failure was seen: its shrink's limit starts there

@@ -24,6 +24,9 @@ from typing import Optional
 
 from fuzz.precision import PrecisionPolicy
 
+# An unsafe policy's share over a safe one's. With the five default policies (float16 the only
+# unsafe one) in both BOS modes, float16 gets 6 of 14 parts, about what the four safe policies get
+# together (8), and each safe mode still 1/14 (34 s of the default 8 minutes).
 UNSAFE_WEIGHT = 3.0
 TAIL_S = 60.0  # the most the job runs past its budget, report included
 SHRINK_TAIL_S = 15.0

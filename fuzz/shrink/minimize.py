@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 from fuzz.engine.kernels import kernel
 from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
@@ -46,55 +47,99 @@ def causal_prefix(session: Session, spec: PromptSpec, found: Verdict) -> Optiona
     return PromptSpec(text, spec.add_bos, spec.chat) if text != spec.text else None
 
 
-def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
-                  bounds: Optional[Bounds] = None, max_evals: int = 96,
-                  keeps: Optional[Keeps] = None, deadline: float = math.inf,
-                  found: Optional[Verdict] = None) -> tuple[PromptSpec, Optional[Verdict]]:
-    """Deletes character runs (halving their length down to one character) while the failure
-    keeps its exact signature (and whatever `keeps` asks), within `max_evals` prompts run and
-    until `deadline` (time.monotonic()): the job's hard budget bounds minimizing too. Given
-    the prompt's verdict (`found`) of a prefill failure, it first tries the prompt cut after
-    the failing token (causal_prefix): measured on the planted 40-digit run, Hypothesis's shrink
-    left '0'*40 followed by a 76-character chat-like tail, which the 96 deletions did not
-    remove (the saved case kept one stray character); the cut removes it in one run.
+@dataclass(frozen=True)
+class Minimized:
+    """What minimizing gave: the smallest prompt it reached and whether it is 1-minimal."""
 
-    Returns the smallest prompt found (1-minimal when the budget allows) and its verdict
-    (None when nothing could be deleted)."""
-    best, best_verdict, evals = spec, None, 0
+    spec: PromptSpec
+    verdict: Optional[Verdict]  # its canonical verdict; None when nothing could be deleted
+    one_minimal: bool  # no single-character deletion keeps the failure (faithful kernel)
+    stopped: str  # why it stopped short of that ("time"); "" when 1-minimal
+    start_chars: int  # the prompt's length before minimizing
+    chunk: int  # the deletion size it had reached (1: single characters)
+    runs: int  # prompts run
+
+    def record(self) -> dict[str, Any]:
+        """What a case stores of it (Case.minimization)."""
+        record: dict[str, Any] = {"state": "1-minimal" if self.one_minimal else "stopped"}
+        if not self.one_minimal:
+            record["why"] = self.stopped
+        record.update(from_chars=self.start_chars, chars=len(self.spec.text), chunk=self.chunk,
+                      runs=self.runs)
+        return record
+
+
+def not_minimized(why: str) -> dict[str, Any]:
+    """The record of a case saved as found (Case.minimization): `why` minimizing did not run."""
+    return {"state": "not minimized", "why": why}
+
+
+def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signature,
+                  bounds: Optional[Bounds] = None, keeps: Optional[Keeps] = None,
+                  deadline: float = math.inf, found: Optional[Verdict] = None) -> Minimized:
+    """Deletes character runs (halving their length down to one character) while the failure
+    keeps its exact signature (and whatever `keeps` asks), until the prompt is 1-minimal (no
+    single-character deletion keeps it) or `deadline` (time.monotonic()) comes: the job's hard
+    budget bounds minimizing too, and the result says which of the two ended it.
+
+    Candidates run in batches under the session's screening kernel (`_batch_kernel`); a hit is
+    confirmed alone with the faithful one. The screening kernel may run finite a candidate the
+    faithful one would not, so before calling a prompt 1-minimal the single-character pass runs
+    once more with the faithful kernel. No count of candidates bounds it: a cap of 96 left a
+    planted count trigger with 18 filler tokens that single deletions still removed (the
+    first halving pass over 64 characters alone runs 126 candidates).
+
+    Given the prompt's verdict (`found`) of a prefill failure, it first tries the prompt cut
+    after the failing token (causal_prefix): measured on the planted 40-digit run, it removes a
+    76-character tail in one run."""
+    best, best_verdict, runs = spec, None, 0
     cut = causal_prefix(session, spec, found) if found is not None else None
     if cut is not None and session.runnable(cut):
-        hit, evals = _first_with_signature(session, [cut], policy, sig, bounds, keeps)
+        hit, runs = _first_with_signature(session, [cut], policy, sig, bounds, keeps,
+                                          _batch_kernel(session, policy))
         if hit is not None:
             best, best_verdict = hit
-    chunk = max(1, len(best.text) // 2)
-    while chunk >= 1 and evals < max_evals and best.text and time.monotonic() < deadline:
+    chunk, batch_kernel = max(1, len(best.text) // 2), _batch_kernel(session, policy)
+
+    def result(one_minimal: bool, stopped: str = "") -> Minimized:
+        return Minimized(best, best_verdict, one_minimal, stopped, len(spec.text), chunk, runs)
+
+    while best.text:
         candidates = [PromptSpec(t, spec.add_bos, spec.chat)
-                      for t in deletion_candidates(best.text, chunk)]
+                      for t in dict.fromkeys(deletion_candidates(best.text, chunk))]
         candidates = [c for c in candidates if session.runnable(c)]
         hit = None
         for i in range(0, len(candidates), session.batch_size):
+            if time.monotonic() >= deadline:
+                return result(False, "time")
             batch = candidates[i: i + session.batch_size]
-            hit, runs = _first_with_signature(session, batch, policy, sig, bounds, keeps)
-            evals += runs
-            if hit is not None or evals >= max_evals or time.monotonic() >= deadline:
+            hit, n = _first_with_signature(session, batch, policy, sig, bounds, keeps,
+                                           batch_kernel)
+            runs += n
+            if hit is not None:
                 break
-        if hit is None:
-            chunk //= 2
-        else:
+        if hit is not None:
             best, best_verdict = hit
             chunk = min(chunk, max(1, len(best.text) // 2))
-    return best, best_verdict
+        elif chunk > 1:
+            chunk //= 2
+        elif batch_kernel != "native":  # a pass that found nothing, checked faithfully
+            batch_kernel = "native"
+        else:
+            break
+    return result(True)
 
 
 def _first_with_signature(session: Session, specs: list[PromptSpec], policy: str,
-                          sig: Signature, bounds: Optional[Bounds], keeps: Optional[Keeps]
+                          sig: Signature, bounds: Optional[Bounds], keeps: Optional[Keeps],
+                          batch_kernel: str
                           ) -> tuple[Optional[tuple[PromptSpec, Verdict]], int]:
     """The first candidate that keeps the signature (confirmed alone) and passes `keeps`, and
     the prompts run (not counting what `keeps` runs)."""
     runs = len(specs)
     if not specs:
         return None, runs
-    with kernel(_batch_kernel(session, policy)):
+    with kernel(batch_kernel):
         screened = session.run(specs, policy, bounds)
     for spec, verdict in zip(specs, screened):
         if not verdict.nonfinite or session.signature(verdict) != sig:

@@ -21,19 +21,20 @@ why; it is not saved as a regression case.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from fuzz.engine.kernels import kernel
 from fuzz.margin import Margin, measure, passes_margin
 from fuzz.precision import get_policy
-from fuzz.shrink.minimize import minimize_text
+from fuzz.shrink.minimize import Minimized, minimize_text, not_minimized
 from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
 if TYPE_CHECKING:
@@ -194,6 +195,9 @@ class Assessment:
     verdict: Verdict
     margin: Optional[Margin]
     robustness: Robustness
+    # How far minimizing got (fuzz.shrink.minimize.Minimized.record, or not_minimized(why));
+    # None: a prompt measured as it was given (`fuzz add`)
+    minimization: Optional[dict[str, Any]] = None
 
     @property
     def robust(self) -> bool:
@@ -236,7 +240,9 @@ def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, st
     start = session.run([spec], policy, capped)[0]
     if not (start.nonfinite and session.signature(start) == sig
             and passes_margin(start, session.min_margin)):
-        return assess(session, spec, policy, deadline=measure_deadline)
+        short = assess(session, spec, policy, deadline=measure_deadline)
+        return dataclasses.replace(short, minimization=not_minimized(
+            "under its failing step's bounds it does not fail alone past the case margin"))
     trail = [spec]  # every prompt minimizing accepted, the finding first
 
     def keeps_margin(candidate: PromptSpec, alone: Verdict) -> bool:
@@ -245,17 +251,23 @@ def finalize(session: Session, spec: PromptSpec, policy: str, sig: Signature, st
             return True
         return False
 
-    minimize_text(session, spec, policy, sig, capped, keeps=keeps_margin, deadline=deadline,
-                  found=start)
-    assessment = assess(session, trail[-1], policy, deadline=measure_deadline)
+    minimized = minimize_text(session, spec, policy, sig, capped, keeps=keeps_margin,
+                              deadline=deadline, found=start)
+    assessment = assess(session, minimized.spec, policy, deadline=measure_deadline)
     if assessment.robust or assessment.robustness.cut or len(trail) == 1:
-        return assessment
-    best = _minimize_carefully(session, trail[:-1], policy, sig, capped, deadline)
-    return assess(session, best or spec, policy, deadline=measure_deadline)
+        return dataclasses.replace(assessment, minimization=minimized.record())
+    careful = _minimize_carefully(session, trail[:-1], policy, sig, capped, deadline)
+    if careful is None:  # the finding itself does not hold everywhere: measured as it was
+        return dataclasses.replace(assess(session, spec, policy, deadline=measure_deadline),
+                                   minimization=not_minimized("it does not hold under every "
+                                                              "kernel variation"))
+    careful = dataclasses.replace(careful, start_chars=len(spec.text))
+    return dataclasses.replace(assess(session, careful.spec, policy, deadline=measure_deadline),
+                               minimization=careful.record())
 
 
 def _minimize_carefully(session: Session, trail: list[PromptSpec], policy: str, sig: Signature,
-                        bounds: Bounds, deadline: float) -> Optional[PromptSpec]:
+                        bounds: Bounds, deadline: float) -> Optional[Minimized]:
     """From the last prompt of `trail` (minimizing's accepted prompts in order, the finding
     first) that holds under every variation, found by bisection (a deletion rarely makes a
     flip go away again), minimizes on, checking every deletion under every variation; None
@@ -275,6 +287,5 @@ def _minimize_carefully(session: Session, trail: list[PromptSpec], policy: str, 
     def holds(candidate: PromptSpec, alone: Verdict) -> bool:
         return passes_margin(alone, session.min_margin) and robust(candidate)
 
-    best, _ = minimize_text(session, trail[good], policy, sig, bounds, keeps=holds,
-                            deadline=deadline)
-    return best
+    return minimize_text(session, trail[good], policy, sig, bounds, keeps=holds,
+                         deadline=deadline)

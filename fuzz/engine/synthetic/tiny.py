@@ -14,6 +14,7 @@ fuzz.engine.synthetic.planted.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,16 +63,25 @@ def random_state(config: GemmaConfig, seed: int = 0, *, norm_scale: float = 0.1,
     Parity tests raise `norm_scale` and `matrix_gain` so that soft-caps and (1 + w) visibly act;
     `bfloat16` rounds every weight to a bfloat16 number, as real Gemma checkpoints hold (then a
     GGUF's stored 1 + w gives back w exactly)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in parameter_shapes(config).items():
-        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    def scale(name: str, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
         if name.endswith("norm.weight"):
             x = x * norm_scale
         elif name != "embedder.weight":
             x = x * matrix_gain / shape[1] ** 0.5
-        state[name] = x.to(torch.bfloat16).float() if bfloat16 else x
-    return state
+        return x.to(torch.bfloat16).float() if bfloat16 else x
+
+    return seeded_draws(parameter_shapes(config), seed, scale)
+
+
+def seeded_draws(shapes: dict[str, tuple[int, ...]], seed: int,
+                 scale: Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """Standard normal float32 draws for every tensor, in the order of `shapes`, from one
+    generator seeded with `seed`, each passed through `scale(name, shape, draw)`: the one recipe
+    of every synthetic model's weights, so a model and its fingerprint never change."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: scale(name, shape, torch.randn(shape, generator=gen, dtype=torch.float32))
+            for name, shape in shapes.items()}
 
 
 def plant_overflow(state: dict[str, torch.Tensor], config: GemmaConfig, trigger_id: int,

@@ -26,7 +26,13 @@ import torch
 
 from fuzz.engine.config import Architecture
 from fuzz.engine.loaded import LoadedModel, fingerprint, state_hash
-from fuzz.engine.synthetic.tiny import PLANTED_CHANNEL, PLANTED_TRIGGER, TINY_SEED, tiny_config
+from fuzz.engine.synthetic.tiny import (
+    PLANTED_CHANNEL,
+    PLANTED_TRIGGER,
+    TINY_SEED,
+    seeded_draws,
+    tiny_config,
+)
 from fuzz.engine.transformers.build import TransformersSource, causal_lm_class, import_transformers
 
 GEMMA4_PLANTED_LAYER = 1
@@ -70,18 +76,14 @@ def random_hf_state(config: Any, seed: int = TINY_SEED) -> dict[str, torch.Tenso
     matrices ~N(0, 1 / fan_in) (the last axis: Linear and expert weights alike), vectors (norm
     weights, which Gemma 3n/4 multiply by as they are, and scales) ~1 + N(0, 0.1^2); the
     layer scalars stay exactly 1."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in hf_parameter_shapes(config).items():
-        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    def scale(name: str, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
         if name.endswith("layer_scalar"):
-            x = torch.ones(shape)
-        elif len(shape) == 1:
-            x = 1 + 0.1 * x
-        elif "embed_tokens" not in name:
-            x = x / shape[-1] ** 0.5
-        state[name] = x
-    return state
+            return torch.ones(shape)
+        if len(shape) == 1:
+            return 1 + 0.1 * x
+        return x if "embed_tokens" in name else x / shape[-1] ** 0.5
+
+    return seeded_draws(hf_parameter_shapes(config), seed, scale)
 
 
 def plant_gemma4(state: dict[str, torch.Tensor], config: Any, trigger_id: int,

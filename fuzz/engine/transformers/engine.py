@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import torch
 
-from fuzz.engine.interface import FAITHFUL, Batch, Recorder
+from fuzz.engine.interface import Batch, ForeignEngine, Recorder
 from fuzz.engine.transformers.build import (
     ATTENTIONS,
     build_transformers_model,
@@ -46,10 +46,6 @@ from fuzz.engine.transformers.build import (
 from fuzz.engine.transformers.hooks import TransformersHookProbe
 
 KINDS = ("transformers", *(f"transformers-{a}" for a in ATTENTIONS))
-
-
-def is_transformers_kind(kind: str) -> bool:
-    return kind in KINDS
 
 
 def engine_kind(engine: str, attention: Optional[str]) -> str:
@@ -93,28 +89,18 @@ class TransformersCache:
         self.hf.batch_select_indices(rows)
 
 
-class TransformersEngine:
+class TransformersEngine(ForeignEngine):
     """A transformers Gemma causal LM run by the generation loop (fuzz.generate)."""
 
     supports_padding = True
-    numerics = FAITHFUL  # transformers departs from itself in nothing
 
     def __init__(self, loaded: Any, policy: Any, device: torch.device | str,
                  attention: Optional[str] = None) -> None:
         refuse_mitigation(policy)
-        self.config = loaded.config  # our GemmaConfig (layer count for the site table)
-        self._dtype, self._device = policy.dtype, torch.device(device)
+        super().__init__(loaded.config, policy.dtype, device)
         self.model = build_transformers_model(loaded, policy.dtype, self._device,
                                               check_attention(attention))
         self.attention: str = self.model.config._attn_implementation
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def new_cache(self, batch: int, max_len: int) -> TransformersCache:
         """A fresh DynamicCache (it grows as it goes: batch and max_len need not be fixed)."""

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from fuzz.engine.config import AttentionType, GemmaConfig
-from fuzz.engine.interface import FAITHFUL, MASK_VALUE, Batch, KVCache, Recorder
+from fuzz.engine.interface import MASK_VALUE, Batch, ForeignEngine, KVCache, Recorder
 from fuzz.engine.upstream.hooks import HookProbe
 
 INSTALL_HINT = ("install google/gemma_pytorch from its repository "
@@ -177,7 +177,7 @@ def shared_positions(batch: Batch, max_len: int) -> torch.Tensor:
 
 
 # --- the engine --------------------------------------------------------------------------------
-class UpstreamEngine:
+class UpstreamEngine(ForeignEngine):
     """google/gemma_pytorch's GemmaForCausalLM behind the built-in model's interface.
 
     Plain precision policies only: the engine is given a torch dtype and nothing else, since
@@ -185,7 +185,6 @@ class UpstreamEngine:
     """
 
     supports_padding = False
-    numerics = FAITHFUL  # upstream departs from itself in nothing
 
     def __init__(self, config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str,
@@ -193,9 +192,7 @@ class UpstreamEngine:
         """state: float32 tensors under upstream's parameter names. tokenizer: a SentencePiece
         .model path, its bytes, or an object with `serialized_model_proto() -> bytes`."""
         up_config_mod, up_model_mod = _import_upstream()
-        self.config = config
-        self._device = torch.device(device)
-        self._dtype = dtype
+        super().__init__(config, dtype, device)
         with _TokenizerFile(tokenizer) as tokenizer_path:
             up_config = to_upstream_config(config, dtype, tokenizer_path, up_config_mod)
             self.upstream_model = _build(up_model_mod, up_config, state, dtype, self._device,
@@ -203,14 +200,6 @@ class UpstreamEngine:
         self.upstream_config = up_config
         # The last (max_len, masks) built: 2 * max_len**2 float32s, so only one is kept.
         self._masks: tuple[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """Zeroed (k, v) [batch, max_len, kv_heads, head_dim] per layer, as in upstream's
