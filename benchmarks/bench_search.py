@@ -16,7 +16,9 @@ database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 
             edits of the nearest misses so far (fuzz.search.round.round_strategy,
             fuzz.strategies.mutants), the pool read live (fuzz.search.round.Search.live_pool);
   gradient  default plus a third arm: gradient-guided single-token swaps of the two best new
-            nearest misses per round (fuzz.search.proposals.Proposer), screened as they are.
+            nearest misses per round (fuzz.search.proposals.Proposer), screened as they are;
+  seeded    default with one seed prompt (`fuzz run --seed-prompts`): RUN - 1 digits, one edit
+            from the trigger, screened first and kept in the mutants' pool.
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
 batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
 and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
@@ -62,7 +64,7 @@ from fuzz.strategies import prompts
 from fuzz.verdict import Bounds, PromptSpec
 
 POLICY = "float16"
-SEARCHERS = ("random", "targeted", "default", "gradient")
+SEARCHERS = ("random", "targeted", "default", "gradient", "seeded")
 
 
 @dataclass
@@ -141,7 +143,15 @@ def round_prompts(searcher: str, fresh: st.SearchStrategy[str], search: Search,
     proposed for the nearest misses."""
     if searcher == "gradient":
         return round_strategy(fresh, search.live_pool, proposer.for_round(search.misses()))
+    if searcher == "seeded":
+        return round_strategy(fresh, search.live_pool, on_draw=search.note_draw)
     return round_strategy(fresh, search.live_pool) if searcher == "default" else fresh
+
+
+def one_edit_away(run: int) -> str:
+    """The seeded searcher's seed prompt: one digit short of the trigger (a near miss that one
+    "repeat" or "duplicate" edit turns into it), as a user's prompt next to a bug would be."""
+    return "0" * (run - 1)
 
 
 def verify_plant(session: Session, run: int) -> str:
@@ -179,13 +189,16 @@ def search_once(session: Session, searcher: str, run: int, seed: int, budget_s: 
             targeting(searcher != "random"), with_reporter(lambda *_: None):
         database = DirectoryBasedExampleDatabase(db_dir)  # fuzz run keeps one (cold here)
         while not found and time.monotonic() < deadline and summary.examples < max_prompts:
+            seeds = [one_edit_away(run)] if searcher == "seeded" else []
             search = _TrackedSearch(session, POLICY, True, set(), summary, deadline,
-                                    on_batch=tracker.count_batch)
+                                    on_batch=tracker.count_batch, seeds=seeds,
+                                    origins={s: "seed" for s in seeds})
             search.tracker = tracker
             try:
                 found = search.run(round_prompts(searcher, fresh, search, proposer),
                                    round_examples,
-                                   database, digest, seed=seed * 1000 + rounds)
+                                   database, digest, seed=seed * 1000 + rounds,
+                                   first=[seeds] if seeds and rounds == 0 else [])
             except BudgetExhausted:  # as fuzz run: a shrink outlived the grace; take its best
                 found = list(search.pending.values())
             rounds += 1

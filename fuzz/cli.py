@@ -1,13 +1,15 @@
 """`python -m fuzz …` (also `gemma-fuzz`): find the prompts that make Gemma produce NaN/Inf.
 
-Commands: run (the fuzz job), check (one prompt), add (save a prompt as a case), minimize (finish
-cases whose minimizing was cut), replay (the corpus as regression tests), compare (engines side by
-side), advise (which policy to ship). Contracts: docs/DESIGN.md.
+Commands: run (the fuzz job), check (one prompt), screen (your own prompt files), add (save a
+prompt as a case), minimize (finish cases whose minimizing was cut), replay (the corpus as
+regression tests), compare (engines side by side), advise (which policy to ship). Contracts:
+docs/DESIGN.md.
 
 Exit codes:
   run      0 ran to its budget, 1 a policy declared safe went non-finite (or, with
            --fail-on-new, a new case was saved), 130 interrupted
   check    0 finite, 1 non-finite, 3 inconclusive (the time limit stopped the run)
+  screen   0 every policy declared safe stayed finite, 1 one did not (--fail-on-nonfinite: any)
   add      0 saved (or already covered), 1 refused (finite, inconclusive, or marginal)
   minimize 0 done (or the budget ended), 1 a case no longer fails or its model is not the case's
   replay   0 every check passed, 1 a regression or a case that no longer reproduces
@@ -348,6 +350,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return job.main()
 
 
+# --- screen ------------------------------------------------------------------------------------
+def cmd_screen(args: argparse.Namespace) -> int:
+    from fuzz.screen.command import SAVE_TIME_S, screen_main
+
+    if args.no_bos and args.both_bos:
+        raise InputError("--no-bos and --both-bos contradict each other: give one")
+    if args.save_time is not None and not args.save:
+        raise InputError("--save-time applies to --save: add --save or drop --save-time")
+    if args.save_time is None:
+        args.save_time = SAVE_TIME_S
+    # a prompt file's InputError (fuzz.prompts.files) is a ValueError too: exit 2, file:line
+    return screen_main(args, _options(args), bounds_from_args(args))
+
+
 # --- advise ------------------------------------------------------------------------------------
 def cmd_advise(args: argparse.Namespace) -> int:
     from fuzz.advise.report import main as advise_main
@@ -474,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-new", action="store_true",
                    help="exit 1 when a new case was saved (findings are otherwise results)")
     _margin_arg(p)
+    p.add_argument("--seed-prompts", nargs="+", metavar="FILE",
+                   help="prompt files (as `screen` reads them) that every mode screens first "
+                        "and keeps editing; a finding says which seed it grew from. Default: "
+                        "every .jsonl of <corpus>/seeds/ (the prompts that broke Gemma in public); "
+                        "'none' for no seeds")
     p.add_argument("--gradient", action=argparse.BooleanOptionalAction, default=False,
                    help="add gradient-guided token swaps of the nearest misses to each round "
                         "(fuzz.search.proposals; built-in engine only)")
@@ -483,6 +504,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "window), 128 decode steps, batch size 2 (fuzz.long; --max-new-tokens, "
                         "--max-prompt-tokens and --batch-size, when given, win)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "screen", help="screen your own prompt files under every policy",
+        description="Every prompt of the files (text: one per line or --separator; JSONL: a "
+                    "'prompt' field or chat 'messages'; CSV/TSV: a 'prompt' column; Parquet), "
+                    "under every policy and BOS mode (a chat with the BOS its template gives), "
+                    "batched; one JSON line per (prompt, policy, BOS mode) in --out, written as "
+                    "it goes and resumable with the same command; a summary per policy. Exit 0 "
+                    "every policy declared safe stayed finite, 1 one did not (--fail-on-"
+                    "nonfinite: any policy), 2 bad input (file:line named, nothing written).")
+    _model_args(p)
+    _bounds_args(p)
+    p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
+                   help="prompt files: .txt (or any other: text), .jsonl, .csv, .tsv, .parquet")
+    p.add_argument("--field", help="the prompt's JSONL field or CSV/TSV/Parquet column "
+                                   "(default: prompt)")
+    p.add_argument("--separator", help="text files: the string between prompts (default: one "
+                                       "prompt per line)")
+    p.add_argument("--policies", default="all",
+                   help=f"comma-separated, or 'all' (the default): {', '.join(POLICIES)}")
+    p.add_argument("--both-bos", action="store_true", help="plain prompts with and without BOS")
+    p.add_argument("--out", help="the results file (JSONL): written as it goes; the same command "
+                                 "again resumes it")
+    p.add_argument("--shard", help="K/N: only the prompts whose index is K-1 modulo N (1 <= K <= "
+                                   "N), one shard per machine; their --out files concatenated "
+                                   "are the whole run's")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"prompts screened together (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--save", action="store_true",
+                   help="save each new signature's shortest prompt to --corpus, minimized and "
+                        "measured under every kernel variation, as `run` saves findings")
+    p.add_argument("--save-time", type=parse_duration, default=None,
+                   help="with --save: how long one finding's minimizing may take (default 2m)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="the corpus whose signatures are known (and --save's target)")
+    p.add_argument("--report", help="also write PATH.md, PATH.html and PATH.json")
+    p.add_argument("--fail-on-nonfinite", action="store_true",
+                   help="exit 1 when any policy went non-finite (not only one declared safe)")
+    _margin_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("advise", help="measure every policy here and recommend one")
     _model_args(p)

@@ -19,10 +19,11 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -31,6 +32,8 @@ from fuzz.corpus import Case, Corpus
 from fuzz.long import long_strategy, profile_batch_size
 from fuzz.positions import session_position_map
 from fuzz.precision import PrecisionPolicy, parse_policies
+from fuzz.prompts.chat import chat_spec
+from fuzz.prompts.files import PromptRecord
 from fuzz.report import PolicySummary, RunSummary
 from fuzz.report.progress import Progress, print_summary
 from fuzz.search.database import open_database
@@ -42,7 +45,7 @@ from fuzz.session import ModelOptions, Session
 from fuzz.shrink.minimize import not_minimized
 from fuzz.shrink.robustness import assess, finalize
 from fuzz.strategies import prompts
-from fuzz.verdict import Bounds, Signature, Verdict
+from fuzz.verdict import Bounds, PromptSpec, Signature, Verdict
 
 # Marginal findings of one signature before this run stops chasing it: each costs a minimization
 # and every kernel variation (20-38 s for one on Gemma 3 270M: benchmarks/README.md,
@@ -81,6 +84,11 @@ class FuzzJob:
     _proposers: dict[str, Proposer] = field(default_factory=dict)
     _misses: dict[str, MissPool] = field(default_factory=dict)  # per mode, across its rounds
     resumed: list[str] = field(default_factory=list)  # cases minimized on first (their outcome)
+    # The user's seed prompts (--seed-prompts: fuzz.prompts.files), as texts, and each one's
+    # "file:line"; every mode screens them first and its mutants keep editing them.
+    seed_texts: list[str] = field(default_factory=list)
+    _origins: dict[str, str] = field(default_factory=dict)  # prompt -> the seed it grew from
+    _grew_from: dict[Signature, str] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: ModelOptions, bounds: Bounds
@@ -96,15 +104,33 @@ class FuzzJob:
         policies = parse_policies(args.policies)
         # Unsafe policies first: that is where overflows are expected.
         policies.sort(key=lambda p: p.expected_safe)
-        return cls(session, policies, [False] if args.no_bos else [True, False], args.budget,
-                   Corpus(Path(args.corpus)), args.database or None,
-                   args.seed if args.seed is not None else int(time.time()) % 2**31,
-                   args.round_examples, args.report, args.quiet, args.fail_on_new, long,
-                   bool(getattr(args, "gradient", False)))
+        corpus = Corpus(Path(args.corpus))
+        job = cls(session, policies, [False] if args.no_bos else [True, False], args.budget,
+                  corpus, args.database or None,
+                  args.seed if args.seed is not None else int(time.time()) % 2**31,
+                  args.round_examples, args.report, args.quiet, args.fail_on_new, long,
+                  bool(getattr(args, "gradient", False)))
+        seeds = seed_files(getattr(args, "seed_prompts", None), corpus)
+        if seeds:
+            from fuzz.prompts.files import read_prompts
+
+            job.use_seeds(read_prompts(seeds))
+        return job
 
     def __post_init__(self) -> None:
         self.summaries = {p.name: PolicySummary.for_policy(p.name, self.bos_modes)
                           for p in self.policies}
+
+    def use_seeds(self, records: Sequence[PromptRecord]) -> None:
+        """The seed prompts of a run: a plain prompt as it is, a chat as its template renders it
+        (the text a BOS mode then feeds, fuzz.prompts.chat)."""
+        for record in records:
+            text = record.text if not record.is_chat else seed_text(
+                chat_spec(record.messages, self.session.model.chat_template),
+                self.session.model.tokenizer)
+            if text not in self._origins:
+                self.seed_texts.append(text)
+                self._origins[text] = record.source
 
     @property
     def examples(self) -> int:
@@ -196,14 +222,19 @@ class FuzzJob:
         search = Search(self.session, policy.name, mode.add_bos, self.known, summary,
                         self.schedule.round_deadline(mode, now), self.schedule.shrink_deadline,
                         self.schedule.finding_limit_s, on_batch=lambda: self._tick(mode),
-                        misses_pool=self._misses.setdefault(mode.name, MissPool()))
+                        misses_pool=self._misses.setdefault(mode.name, MissPool()),
+                        seeds=list(self.seed_texts), origins=self._origins,
+                        grew_from=self._grew_from)
         digest = hashlib.sha256(f"{self.session.model.fingerprint}/{policy.name}/"
                                 f"bos={mode.add_bos}".encode()).digest()
         proposed = self._proposer(mode).for_round(search.misses()) if self.gradient else []
-        strategy = round_strategy(self._fresh, search.live_pool, proposed)
+        strategy = round_strategy(self._fresh, search.live_pool, proposed, search.note_draw)
+        # a mode's first round screens the seed prompts first, as they are
+        first = [] if mode.rounds else batches(self.seed_texts, self.session.batch_size)
         try:
             found = search.run(strategy, self.round_examples, self._database, digest,
-                               seed=self.seed * 1000 + sum(m.rounds for m in self.schedule.modes))
+                               seed=self.seed * 1000 + sum(m.rounds for m in self.schedule.modes),
+                               first=first)
         except BudgetExhausted:  # a shrink outlived the budget: take its best so far, unshrunk
             found = list(search.pending.values())
         except KeyboardInterrupt:  # measure and save what was found: a second signal may follow
@@ -226,8 +257,12 @@ class FuzzJob:
         return self._proposers.setdefault(mode.name, Proposer(self.session))
 
     def _tick(self, mode: Mode) -> None:
-        counts = self.summaries[mode.policy.name].mode(mode.add_bos)
-        self.progress.tick(mode.name, self.examples, len(self.findings), counts.best_headroom)
+        summary = self.summaries[mode.policy.name]
+        counts = summary.mode(mode.add_bos)
+        wide = summary.dtype != "float16"  # as the summary and the report: against float16's
+        self.progress.tick(mode.name, self.examples, len(self.findings),
+                           counts.best_float16_headroom if wide else counts.best_headroom,
+                           "float16" if wide else None)
 
     def _save(self, err: NewSignature, how: str) -> None:
         """Minimizes (unless interrupted), measures and saves a finding when it is a regression
@@ -263,7 +298,8 @@ class FuzzJob:
                   file=sys.stderr)
             return
         case = Case.of_assessment(self.session, assessment, seed=self.seed,
-                               strategy=f"fuzz.strategies.prompts/{how}")
+                               strategy=f"fuzz.strategies.prompts/{how}",
+                               grew_from=self._grew_from.get(err.screened.signature))
         if assessment.robustness.cut:
             self._unmeasured(verdict, case.signature, how, case.margin, case.robustness)
             return
@@ -278,6 +314,7 @@ class FuzzJob:
         finding = self.summaries[verdict.policy].add_finding(
             verdict, status, path, case.signature, how, case.margin, case.robustness)
         finding.minimization = case.minimization
+        finding.grew_from = case.finder.get("grew_from")
         # the report's heat map: one more run of the saved prompt, keeping per-position maxima
         # (not after Ctrl-C/SIGTERM: the user asked the job to stop; not past the budget)
         if how != "interrupted" and time.monotonic() < measure_by:
@@ -324,6 +361,24 @@ class FuzzJob:
             return None
         trial = self.session.kernel_trial()
         return trial.speedup if trial.choice is not None else None
+
+
+def seed_files(given: Optional[list[str]], corpus: Corpus) -> list[Path]:
+    """The seed prompt files: --seed-prompts FILE... when given (`none`: no seeds), else every
+    JSONL file of the corpus's seeds/ (the prompts that broke Gemma in public:
+    seeds/public.jsonl)."""
+    if given is not None:
+        return [] if given == ["none"] else [Path(g) for g in given]
+    return sorted(corpus.seeds_dir.glob("*.jsonl")) if corpus.seeds_dir.is_dir() else []
+
+
+def batches(texts: Sequence[str], size: int) -> list[list[str]]:
+    return [list(texts[i: i + size]) for i in range(0, len(texts), size)]
+
+
+def seed_text(spec: PromptSpec, tokenizer: Any) -> str:
+    """A chat seed's text: a one-turn Gemma chat wrapped in its template, else as rendered."""
+    return tokenizer.chat_prompt(spec.text) if spec.chat else spec.text
 
 
 def _raise_interrupt(signum, frame) -> None:

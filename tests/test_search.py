@@ -277,7 +277,10 @@ def test_the_progress_line_names_the_mode_and_only_figures_that_exist(monkeypatc
     first = progress.bar.desc
     progress.tick("float16 no-BOS", 40, 1, 1.04)
     second = progress.bar.desc
+    progress.tick("float32 BOS", 41, 1, 0.63, "float16")  # a wider dtype: against float16's
+    third = progress.bar.desc
     progress.close()
+    assert third.endswith("best headroom 0.63 (vs float16)")
     assert first.startswith("| float16 no-BOS | screened 23") and "headroom" not in first
     assert ", " not in first and "findings 0" in first
     assert second.endswith("best headroom 1.04")

@@ -118,27 +118,31 @@ class Case:
     def of(cls, session: Session, verdict: Verdict, *, chat: bool = False,
            seed: int | None = None, strategy: str = "manual",
            margin: dict[str, Any] | None = None, robustness: dict[str, Any] | None = None,
-           minimization: dict[str, Any] | None = None) -> Case:
+           minimization: dict[str, Any] | None = None, grew_from: str | None = None) -> Case:
         """The case of a failing verdict of this session's model, with the session's bounds,
-        device and declared-safe policies."""
+        device and declared-safe policies; `grew_from`: the seed prompt ("file:line") the
+        finding was edited from, recorded in the finder."""
+        finder = finder_info(seed=seed, strategy=strategy, device=session.device)
+        if grew_from is not None:
+            finder["grew_from"] = grew_from
         return cls.from_verdict(
             verdict, model=session.model.name, fingerprint=session.model.fingerprint,
-            bounds=session.bounds.to_dict(),
-            finder=finder_info(seed=seed, strategy=strategy, device=session.device),
+            bounds=session.bounds.to_dict(), finder=finder,
             chat=chat, safe_policies=session.safe_policies, margin=margin,
             robustness=robustness, model_location=session.model.location or None,
             minimization=minimization)
 
     @classmethod
     def of_assessment(cls, session: Session, assessment: Assessment, *,
-                      seed: int | None = None, strategy: str = "manual") -> Case:
+                      seed: int | None = None, strategy: str = "manual",
+                      grew_from: str | None = None) -> Case:
         """The case of a measured finding (fuzz.shrink.robustness.assess), its margin and
         robustness included."""
         margin = assessment.margin
         return cls.of(session, assessment.verdict, chat=assessment.spec.chat, seed=seed,
                       strategy=strategy, margin=margin.to_dict() if margin else None,
                       robustness=assessment.robustness.to_dict(),
-                      minimization=assessment.minimization)
+                      minimization=assessment.minimization, grew_from=grew_from)
 
     @property
     def minimal(self) -> bool | None:

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - Windows
 LOCK_NAME = ".lock"
 
 SaveStatus = Literal["saved", "duplicate-file", "known-signature"]
+SEEDS_DIR = "seeds"  # corpus/seeds/: seed prompts, never a model's cases
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,18 @@ class Corpus:
         return self.root / model
 
     def models(self) -> list[str]:
-        """Every model directory (hidden ones and __pycache__ excluded), sorted."""
+        """Every model directory (hidden ones, __pycache__ and seeds/ excluded), sorted."""
         if not self.root.is_dir():
             return []
         return sorted(
             p.name for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith((".", "__"))
+            if p.is_dir() and not p.name.startswith((".", "__")) and p.name != SEEDS_DIR
         )
+
+    @property
+    def seeds_dir(self) -> Path:
+        """<root>/seeds: prompts that seed the search (fuzz run --seed-prompts), not cases."""
+        return self.root / SEEDS_DIR
 
     def scan(self, model: str | None = None) -> ScanResult:
         """Every good case and every error (malformed file, misplaced file), never raising."""

@@ -12,6 +12,7 @@ or as shards, in bfloat16 or float32 of the same values, is one model.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -45,7 +46,33 @@ def load_hf_model(path: str | Path, name: Optional[str] = None, *,
                          f"vocab_size is {loaded.config.vocab_size}; give the model's own "
                          "tokenizer")
     return LoadedModel(name or path.resolve().name, loaded.config, loaded.state, tok,
-                       fingerprint(loaded.config, state_hash(loaded.state), tok), str(path))
+                       fingerprint(loaded.config, state_hash(loaded.state), tok), str(path),
+                       chat_template=chat_template(path))
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def chat_template(directory: Path) -> Optional[str]:
+    """The directory's chat template: chat_template.jinja (transformers 4.43+ writes it there),
+    else tokenizer_config.json's `chat_template` (a string, or the "default" of a list of named
+    ones); None when it has none (Gemma's own template applies: fuzz.prompts.chat)."""
+    from fuzz.engine.tokenizer.hf_json import TOKENIZER_CONFIG
+
+    jinja = directory / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / TOKENIZER_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{config}: not a JSON object ({err}); fix or remove it") from None
+    if isinstance(value, list):  # [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
 
 
 def hf_tokenizer(directory: Path) -> Tokenizer:

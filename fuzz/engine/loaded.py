@@ -33,6 +33,9 @@ class LoadedModel:
     # Where to find the model again, recorded in its corpus cases: a zoo model's name, or the
     # absolute path of a file or directory model (set by fuzz.engine.zoo.load_model).
     location: str = ""
+    # The chat template a Hugging Face directory's tokenizer carries (fuzz.engine.hf_dir); None:
+    # Gemma's own (fuzz.prompts.chat). It is the model's: a chat prompt is rendered with it.
+    chat_template: str | None = None
     _engines: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def engine(self, policy: Any, device: str | torch.device = "cpu",

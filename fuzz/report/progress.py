@@ -45,7 +45,10 @@ class Progress:
                             bar_format="fuzz {bar} {n_fmt}/{total_fmt}s {desc}",
                             file=self.stream)
 
-    def tick(self, mode: str, screened: int, findings: int, best_headroom: float) -> None:
+    def tick(self, mode: str, screened: int, findings: int, best_headroom: float,
+             against: Optional[str] = None) -> None:
+        """`against`: the dtype whose limit the headroom is measured against, when it is not
+        the policy's own ("float16" for a float32 or bfloat16 mode)."""
         if self.bar is None and not self.lines:
             return
         now = time.monotonic()
@@ -53,7 +56,8 @@ class Progress:
         rate = screened / elapsed if elapsed > 0 else 0.0
         parts = [mode, f"screened {screened} ({rate:.2g}/s)", f"findings {findings}"]
         if math.isfinite(best_headroom):
-            parts.append(f"best headroom {fmt_headroom(best_headroom)}")
+            parts.append(f"best headroom {fmt_headroom(best_headroom)}"
+                         + (f" (vs {against})" if against else ""))
         if self.bar is not None:
             self.bar.n = min(round(elapsed), self.bar.total)
             self.bar.set_description_str("| " + " | ".join(parts), refresh=False)
@@ -61,6 +65,44 @@ class Progress:
         elif now - self._last_line >= LOG_INTERVAL_S:
             self._last_line = now
             print(f"fuzz {elapsed:.0f}/{self.budget_s:.0f}s | " + " | ".join(parts),
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class CountProgress:
+    """Progress over a known number of items (`fuzz screen`): a bar with the rate and ETA on a
+    terminal, a plain line every LOG_INTERVAL_S in a log."""
+
+    def __init__(self, total: int, unit: str, quiet: bool,
+                 stream: Optional[TextIO] = None) -> None:
+        self.total, self.unit, self.done = total, unit, 0
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.bar: Optional[Any] = None
+        self.lines = not quiet and not self.stream.isatty()
+        self._last_line = -math.inf
+        if not quiet and not self.lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.5,
+                            file=self.stream)
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.lines and (now - self._last_line >= LOG_INTERVAL_S or self.done >= self.total):
+            self._last_line = now
+            elapsed = now - self.started
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            print(f"{self.done}/{self.total} {self.unit}s, {rate:.2g}/s, "
+                  f"{'ETA ' + f'{eta:.0f}s' if math.isfinite(eta) else 'ETA unknown'}",
                   file=self.stream, flush=True)
 
     def close(self) -> None:

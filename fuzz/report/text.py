@@ -388,7 +388,8 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
                 ("Margin", margin_text(finding_margin(f))),
                 ("Robustness", robustness_text(f.robustness)),
                 ("Variations", variations_text(f.robustness)),
-                ("Minimizing", minimization_text(f.minimization))]
+                ("Minimizing", minimization_text(f.minimization)),
+                ("Grew from seed", f.grew_from)]
     facts += [(label, [(value, False)]) for label, value in optional if value]
     if f.case_path:
         facts.append(("Case file", [(f.case_path, True)]))

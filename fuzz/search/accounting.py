@@ -60,6 +60,8 @@ class Finding:
     positions: dict[str, Any] | None = None
     # how far minimizing got (fuzz.corpus.Case.minimization), when the finding was measured
     minimization: dict[str, Any] | None = None
+    # the seed prompt ("file:line", fuzz run --seed-prompts) the finding was edited from
+    grew_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in FINDING_STATUSES:
@@ -103,7 +105,7 @@ class Finding:
                 "case_path": self.case_path, "signature": list(self.signature),
                 "explained": self.explained, "how": self.how, "margin": self.margin,
                 "robustness": self.robustness, "positions": self.positions,
-                "minimization": self.minimization}
+                "minimization": self.minimization, "grew_from": self.grew_from}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
@@ -112,7 +114,8 @@ class Finding:
                    signature=Signature.from_list(need(d, "signature", "finding")),
                    explained=d.get("explained"), how=d.get("how", "shrunk"),
                    margin=d.get("margin"), robustness=d.get("robustness"),
-                   positions=d.get("positions"), minimization=d.get("minimization"))
+                   positions=d.get("positions"), minimization=d.get("minimization"),
+                   grew_from=d.get("grew_from"))
 
 
 MAX_MARGINAL_EXAMPLES = 10

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import hypothesis.core
-from hypothesis import HealthCheck, Phase, given, settings, target
+from hypothesis import HealthCheck, Phase, example, given, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
@@ -117,12 +117,15 @@ def is_saturated(counts: ModeCounts, probe: int = SATURATION_PROBE) -> bool:
 
 
 def round_strategy(fresh: st.SearchStrategy[str], pool: Sequence[str],
-                   proposed: Sequence[str] = ()) -> st.SearchStrategy[str]:
-    """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses, read at each
-    draw: pass `Search.live_pool`; splices of fresh fragments while it is empty); with
-    `proposed` (gradient-guided swaps of the nearest misses, fuzz.search.proposals), a third arm
-    that screens those prompts as they are."""
-    arms = [fresh, mutants(pool)] + \
+                   proposed: Sequence[str] = (),
+                   on_draw: Optional[Callable[[str, str], None]] = None
+                   ) -> st.SearchStrategy[str]:
+    """Half fresh draws, half stacked edits of `pool` (the mode's nearest misses and the seed
+    prompts, read at each draw: pass `Search.live_pool`; splices of fresh fragments while it is
+    empty); with `proposed` (gradient-guided swaps of the nearest misses,
+    fuzz.search.proposals), a third arm that screens those prompts as they are. `on_draw` hears
+    which pool prompt each mutant came from (Search.note_draw)."""
+    arms = [fresh, mutants(pool, on_draw)] + \
         ([st.sampled_from(tuple(proposed))] if proposed else [])
     return st.one_of(*arms)
 
@@ -152,6 +155,13 @@ class Search:
     # choice sequence draw the same prompt (a pool read once per round left the first round
     # without mutants: docs/SEARCH.md, "The live pool").
     live_pool: list[str] = field(default_factory=list)
+    # The user's seed prompts (fuzz run --seed-prompts): always in the pool the mutants edit.
+    seeds: Sequence[str] = ()
+    # prompt text -> the seed (its "file:line") it grew from, kept by the caller across rounds
+    # and modes: a seed is its own origin, a mutant inherits its base's (note_draw)
+    origins: dict[str, str] = field(default_factory=dict)
+    # new signature -> the seed the first prompt failing under it grew from
+    grew_from: dict[Signature, str] = field(default_factory=dict)
 
     # time.monotonic() when the round's first failure was seen: its shrink's limit starts there
     _shrink_since: Optional[float] = field(default=None, init=False, repr=False)
@@ -182,8 +192,16 @@ class Search:
         return self.summary.mode(self.add_bos)
 
     def pool(self) -> list[str]:
-        """This mode's nearest misses at open sites, closest first: what the mutants edit."""
-        return self.misses_pool.prompts()
+        """This mode's nearest misses at open sites, closest first, then the seed prompts: what
+        the mutants edit."""
+        misses = self.misses_pool.prompts()
+        return misses + [s for s in self.seeds if s not in misses]
+
+    def note_draw(self, base: str, mutant: str) -> None:
+        """A mutant of `base` inherits the seed `base` grew from (if any)."""
+        origin = self.origins.get(base)
+        if origin is not None:
+            self.origins.setdefault(mutant, origin)
 
     def misses(self) -> list[Verdict]:
         return self.misses_pool.verdicts()
@@ -210,6 +228,8 @@ class Search:
                 self.summary.observe_marginal(r.verdict)
             elif r.new:
                 err = error_for(r.signature)(r, spec)
+                if spec.text in self.origins:
+                    self.grew_from.setdefault(r.signature, self.origins[spec.text])
                 best = self.pending.get(r.signature)
                 if best is None or len(spec.text) < len(best.spec.text):
                     self.pending[r.signature] = err
@@ -245,9 +265,12 @@ class Search:
 
     def run(self, prompts: st.SearchStrategy[str], max_examples: int,
             database: Optional[ExampleDatabase], digest: bytes,
-            seed: Optional[int] = None) -> list[NewSignature]:
+            seed: Optional[int] = None, first: Sequence[Sequence[str]] = ()
+            ) -> list[NewSignature]:
         """One Hypothesis run (a round); returns the minimal example of every new signature it
-        found. Ends early at the round's deadline, or when the mode proves saturated."""
+        found. `first`: batches screened before anything is drawn (Hypothesis's explicit
+        examples: the seed prompts, in a mode's first round). Ends early at the round's deadline,
+        or when the mode proves saturated."""
         batch = st.lists(prompts, min_size=1, max_size=self.session.batch_size)
 
         def prompts_stay_finite(texts: list[str]) -> None:
@@ -261,6 +284,8 @@ class Search:
             suppress_health_check=list(HealthCheck), report_multiple_bugs=True,
             print_blob=False,
         )(given(batch)(prompts_stay_finite))
+        for texts in reversed(first):  # example() decorators run bottom-up: keep their order
+            test = example(list(texts))(test)
         test = seeded(test, seed, database)
         try:
             # The job reports findings itself; Hypothesis's "Falsifying example" / "@seed(...)"

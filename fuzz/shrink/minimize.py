@@ -86,8 +86,9 @@ def minimize_text(session: Session, spec: PromptSpec, policy: str, sig: Signatur
     confirmed alone with the faithful one. The screening kernel may run finite a candidate the
     faithful one would not, so before calling a prompt 1-minimal the single-character pass runs
     once more with the faithful kernel. No count of candidates bounds it: a cap of 96 left a
-    planted count trigger with 18 filler tokens that single deletions still removed (the
-    first halving pass over 64 characters alone runs 126 candidates).
+    planted count trigger with 18 filler tokens that single deletions still removed (halving
+    a 64-character prompt down to single characters alone runs 2 + 4 + ... + 64 = 126
+    candidates; benchmarks/README.md, "1-minimal saved cases").
 
     Given the prompt's verdict (`found`) of a prefill failure, it first tries the prompt cut
     after the failing token (causal_prefix): measured on the planted 40-digit run, it removes a

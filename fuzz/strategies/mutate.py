@@ -10,7 +10,8 @@ prompts to the first finding against 376 (RUN 24) and 782 (RUN 40) for random dr
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
@@ -30,7 +31,8 @@ MAX_POOL_INDEX = 63
 POSITION_STEPS = 1024
 
 
-def mutants(pool: Sequence[str]) -> SearchStrategy[str]:
+def mutants(pool: Sequence[str],
+            on_draw: Optional[Callable[[str, str], None]] = None) -> SearchStrategy[str]:
     """Draw a prompt of `pool` edited by 1-3 stacked mutations: delete a span, duplicate the
     span before a point, repeat one character, or splice in a fresh fragment
     (fuzz.strategies.fragments). Positions and lengths are integer choices that Hypothesis's
@@ -41,14 +43,18 @@ def mutants(pool: Sequence[str]) -> SearchStrategy[str]:
     sequence draws the same prompt) steers every draw by what the search has just seen. While
     it is empty the edits apply to the empty text: only splices then yield a prompt.
 
-    Shrinks toward the pool's first prompt with one deletion of one character."""
+    `on_draw(base, mutant)` is told which pool prompt each mutant was edited from (what a finding
+    grew from: fuzz.search.round). Shrinks toward the pool's first prompt with one deletion of one
+    character."""
 
     @st.composite
     def build(draw: st.DrawFn) -> str:
         index = draw(st.integers(0, MAX_POOL_INDEX))
-        text = pool[index % len(pool)] if pool else ""
+        base = text = pool[index % len(pool)] if pool else ""
         for op in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=MAX_STACKED)):
             text = _mutate(draw, op, text)
+        if on_draw is not None:
+            on_draw(base, text)
         return text
 
     return build()
