@@ -131,15 +131,30 @@ def _plugin_args(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return ["-p", "fuzz.pytest_plugin"]
 
 
+# Hypothesis loads its own "ci" profile (derandomized, no deadline) when any of these is set
+# (hypothesis/_settings.py, _CI_VARS in 6.170). tox sets __TOX_ENVIRONMENT_VARIABLE_ORIGINAL_CI
+# beside a passed CI, so deleting CI alone left the project's CI run (tox -e tests, CI=true)
+# seeing Hypothesis's "ci" profile in the child pytest: each test says which CI it is in.
+HYPOTHESIS_CI_VARIABLES = ("CI", "__TOX_ENVIRONMENT_VARIABLE_ORIGINAL_CI", "TF_BUILD",
+                           "bamboo.buildKey", "BUILDKITE", "CIRCLECI", "CIRRUS_CI",
+                           "CODEBUILD_BUILD_ID", "GITHUB_ACTIONS", "GITLAB_CI",
+                           "HEROKU_TEST_RUN_ID", "TEAMCITY_VERSION")
+
+
+def _scrub_environment(monkeypatch: pytest.MonkeyPatch, keep_profile_env: bool = False) -> None:
+    """The child pytest sees no CI, no xdist worker and no profile of this test's own run."""
+    for inherited in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", *HYPOTHESIS_CI_VARIABLES):
+        monkeypatch.delenv(inherited, raising=False)
+    if not keep_profile_env:
+        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+
+
 def _unrelated_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                    *extra: str) -> dict:
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir(exist_ok=True)
     monkeypatch.setenv("SEEN_DIR", str(seen_dir))
-    for inherited in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # of this test's run
-        monkeypatch.delenv(inherited, raising=False)
-    monkeypatch.delenv("CI", raising=False)
-    monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    _scrub_environment(monkeypatch)
     pytester.makepyfile(test_unrelated=UNRELATED_TEST)
     pytester.makeconftest(UNRELATED_CONFTEST)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *_plugin_args(monkeypatch),
@@ -198,14 +213,9 @@ def _opted_in_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tm
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir(exist_ok=True)
     monkeypatch.setenv("SEEN_DIR", str(seen_dir))
-    for inherited in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # of this test's run
-        monkeypatch.delenv(inherited, raising=False)
-    if not keep_profile_env:
-        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+    _scrub_environment(monkeypatch, keep_profile_env=keep_profile_env)
     if ci:
         monkeypatch.setenv("CI", "true")
-    else:
-        monkeypatch.delenv("CI", raising=False)
     pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile(test_opted=OPTED_IN_TEST)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *_plugin_args(monkeypatch),
@@ -265,3 +275,11 @@ def test_thread_sharing_has_an_opt_out(pytester, monkeypatch, tmp_path):
     seen = _opted_in_run(pytester, monkeypatch, tmp_path, "gemma_fuzz_share_threads = true",
                          "-p", "xdist", "-n", "2", "--gemma-no-share-threads")
     assert seen["workerinput"] == {} and seen["threads"] == default
+
+
+def test_the_scrubbed_ci_variables_cover_hypothesis_s_list():
+    from hypothesis import _settings
+
+    if not hasattr(_settings, "_CI_VARS"):
+        pytest.skip("this Hypothesis keeps its CI detection elsewhere: update HYPOTHESIS_CI_VARIABLES")
+    assert set(_settings._CI_VARS) <= set(HYPOTHESIS_CI_VARIABLES)
