@@ -56,7 +56,7 @@ def screen_main(args: argparse.Namespace, session_options: Any, bounds: Bounds) 
     started = time.monotonic()
     with ResultsFile(args.out, identity) as results:
         todo = sum(item.key(p.name) not in results.done for item in items for p in policies)
-        progress = CountProgress(todo, "prompt", args.quiet)
+        progress = CountProgress(todo, "result", args.quiet)
         try:
             screen(session, policies, items, results.done, results.append, known,
                    tick=progress.tick)
