@@ -281,5 +281,6 @@ def test_the_scrubbed_ci_variables_cover_hypothesis_s_list():
     from hypothesis import _settings
 
     if not hasattr(_settings, "_CI_VARS"):
-        pytest.skip("this Hypothesis keeps its CI detection elsewhere: update HYPOTHESIS_CI_VARIABLES")
+        pytest.skip("this Hypothesis keeps its CI detection elsewhere: update "
+                    "HYPOTHESIS_CI_VARIABLES")
     assert set(_settings._CI_VARS) <= set(HYPOTHESIS_CI_VARIABLES)
