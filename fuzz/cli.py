@@ -527,9 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--both-bos", action="store_true", help="plain prompts with and without BOS")
     p.add_argument("--out", help="the results file (JSONL): written as it goes; the same command "
                                  "again resumes it")
-    p.add_argument("--shard", help="K/N: only the prompts whose index is K-1 modulo N (1 <= K <= "
-                                   "N), one shard per machine; their --out files concatenated "
-                                   "are the whole run's")
+    p.add_argument("--shard", help="K/N (1 <= K <= N): one shard per machine, each with the same "
+                                   "--batch-size; this one screens the batches (of the prompts "
+                                   "sorted by length) whose number is K-1 modulo N; their --out "
+                                   "files concatenated are the whole run's, batch for batch")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"prompts screened together (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--save", action="store_true",

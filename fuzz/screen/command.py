@@ -19,7 +19,7 @@ from fuzz.precision import PrecisionPolicy, parse_policies
 from fuzz.prompts.chat import TemplateError
 from fuzz.prompts.files import InputError, read_prompts
 from fuzz.report.progress import CountProgress
-from fuzz.screen.job import parse_shard, plan, screen, spec_of
+from fuzz.screen.job import parse_shard, plan, screen, shard_work, spec_of
 from fuzz.screen.report import console_text, write_report
 from fuzz.screen.results import ResultsFile
 from fuzz.screen.summary import PolicyScreen, summarize
@@ -46,7 +46,7 @@ def screen_main(args: argparse.Namespace, session_options: Any, bounds: Bounds) 
     session = Session.open(session_options, bounds, args.batch_size or DEFAULT_BATCH_SIZE)
     session.min_margin = args.min_margin
     try:
-        items = plan(records, bos_modes, session.model.chat_template, shard)
+        items = plan(records, bos_modes, session.model.chat_template)
     except TemplateError as err:
         raise InputError(str(err)) from None
     identity = {"model_fingerprint": session.model.fingerprint, "engine": session.engine_kind,
@@ -55,11 +55,11 @@ def screen_main(args: argparse.Namespace, session_options: Any, bounds: Bounds) 
     known = corpus.signatures(session.model.name)
     started = time.monotonic()
     with ResultsFile(args.out, identity) as results:
-        todo = sum(item.key(p.name) not in results.done for item in items for p in policies)
+        todo = sum(len(shard_work(session, items, p.name, results.done, shard)) for p in policies)
         progress = CountProgress(todo, "result", args.quiet)
         try:
             screen(session, policies, items, results.done, results.append, known,
-                   tick=progress.tick)
+                   tick=progress.tick, shard=shard)
         finally:
             progress.close()
         rows = list(results.rows)
