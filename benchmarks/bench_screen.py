@@ -38,8 +38,8 @@ NEW_TOKENS = 16
 
 
 def screen_once(loaded, policy: str, records: Sequence[PromptRecord], batch: int,
-                bounds: Bounds) -> tuple[float, int]:
-    """(seconds, useful FLOPs) of one screen of every prompt."""
+                bounds: Bounds) -> tuple[float, int, int]:
+    """(seconds, useful FLOPs, prompts found non-finite) of one screen of every prompt."""
     session = Session(loaded, bounds=bounds, batch_size=batch)
     items = plan(records, [False])
     rows: list[dict] = []
@@ -48,7 +48,7 @@ def screen_once(loaded, policy: str, records: Sequence[PromptRecord], batch: int
     seconds = time.perf_counter() - start
     flops = sum(run_flops(loaded.config, r["prompt_tokens"], max(1, len(r["tokens"])))
                 for r in rows if "prompt_tokens" in r)
-    return seconds, flops
+    return seconds, flops, sum(r["status"] == "nonfinite" for r in rows)
 
 
 def transformers_once(loaded, policy: str, ids: Sequence[list[int]], batch: int
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         screen_once(loaded, policy, runnable[:8], 8, bounds)  # warm-up
         transformers_once(loaded, policy, ids[:8], 8)
         for batch in batches:
-            s_s, s_flops = min(screen_once(loaded, policy, runnable, batch, bounds)
+            s_s, s_flops, s_bad = min(screen_once(loaded, policy, runnable, batch, bounds)
                                for _ in range(args.repeats))
             t_s, t_flops, t_bad = min(transformers_once(loaded, policy, ids, batch)
                                       for _ in range(args.repeats))
@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(ids) / t_s:.3g}",
                          f"{100 * t_flops / t_s / 1e9 / peak[dtype]:.1f}%",
                          f"{t_s / s_s:.2f}x",
-                         t_bad, f"{loop_rate:.3g}"])
+                         s_bad, t_bad, f"{loop_rate:.3g}"])
             print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     print_table(["policy", "batch", "screen p/s", "screen % of peak", "transformers p/s",
-                 "transformers % of peak", "screen / transformers", "transformers non-finite",
+                 "transformers % of peak", "screen / transformers", "screen non-finite",
+                 "transformers non-finite",
                  "loop p/s"], rows)
     return 0
 
