@@ -30,7 +30,7 @@ from fuzz.engine.zoo import load_model
 from fuzz.generate import encode_prompt
 from fuzz.precision import get_policy
 from fuzz.prompts.files import PromptRecord
-from fuzz.screen.job import plan, screen
+from fuzz.screen.job import ShardPlan, plan, screen
 from fuzz.session import Session
 from fuzz.verdict import Bounds
 
@@ -41,10 +41,10 @@ def screen_once(loaded, policy: str, records: Sequence[PromptRecord], batch: int
                 bounds: Bounds) -> tuple[float, int, int]:
     """(seconds, useful FLOPs, prompts found non-finite) of one screen of every prompt."""
     session = Session(loaded, bounds=bounds, batch_size=batch)
-    items = plan(records, [False])
     rows: list[dict] = []
     start = time.perf_counter()
-    screen(session, [get_policy(policy)], items, set(), rows.extend)
+    screen(session, [get_policy(policy)], ShardPlan.of(session, plan(records, [False])), set(),
+           rows.extend)
     seconds = time.perf_counter() - start
     flops = sum(run_flops(loaded.config, r["prompt_tokens"], max(1, len(r["tokens"])))
                 for r in rows if "prompt_tokens" in r)

@@ -19,7 +19,7 @@ from fuzz.precision import PrecisionPolicy, parse_policies
 from fuzz.prompts.chat import TemplateError
 from fuzz.prompts.files import InputError, read_prompts
 from fuzz.report.progress import CountProgress
-from fuzz.screen.job import parse_shard, plan, screen, shard_work, spec_of
+from fuzz.screen.job import ShardPlan, parse_shard, plan, screen, spec_of
 from fuzz.screen.report import console_text, write_report
 from fuzz.screen.results import ResultsFile
 from fuzz.screen.summary import PolicyScreen, summarize
@@ -55,11 +55,11 @@ def screen_main(args: argparse.Namespace, session_options: Any, bounds: Bounds) 
     known = corpus.signatures(session.model.name)
     started = time.monotonic()
     with ResultsFile(args.out, identity) as results:
-        todo = sum(len(shard_work(session, items, p.name, results.done, shard)) for p in policies)
-        progress = CountProgress(todo, "result", args.quiet)
+        work = ShardPlan.of(session, items, shard)
+        progress = CountProgress(work.count(policies, results.done), "result", args.quiet)
         try:
-            screen(session, policies, items, results.done, results.append, known,
-                   tick=progress.tick, shard=shard)
+            screen(session, policies, work, results.done, results.append, known,
+                   tick=progress.tick)
         finally:
             progress.close()
         rows = list(results.rows)

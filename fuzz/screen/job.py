@@ -100,59 +100,67 @@ def spec_of(row: dict[str, Any]) -> PromptSpec:
     return PromptSpec(row["prompt"], add_bos=bool(row["add_bos"]), chat=bool(row["chat"]))
 
 
-def not_runnable_reason(session: Session, spec: PromptSpec) -> str:
-    """Why the prompt cannot run under the session's bounds ("" when it can)."""
-    try:
-        encode_prompt(session.model.tokenizer, spec, session.bounds)
-    except ValueError as err:
-        return str(err)
-    return ""
-
-
 @dataclass
-class Work:
-    """One policy's share of a shard: the items that cannot run (with why) and the batches."""
+class ShardPlan:
+    """This shard's items in the order they run, every prompt tokenized once: the ones that
+    cannot run (with why) and the batches, cut from every item sorted by (token length, prompt
+    index, BOS mode), so that they are the unsharded run's batches."""
     not_runnable: list[tuple[Item, str]]
     batches: list[list[Item]]
 
-    def __len__(self) -> int:
-        return len(self.not_runnable) + sum(map(len, self.batches))
+    @classmethod
+    def of(cls, session: Session, items: Sequence[Item],
+           shard: tuple[int, int] = (1, 1)) -> ShardPlan:
+        k, n = shard
+        lengths: dict[int, int] = {}
+        not_runnable = []
+        for item in items:
+            try:
+                lengths[id(item)] = len(encode_prompt(session.model.tokenizer, item.spec,
+                                                      session.bounds))
+            except ValueError as err:  # over --max-prompt-tokens, empty without BOS, ...
+                if item.record.index % n == k - 1:
+                    not_runnable.append((item, str(err)))
+        runnable = sorted((item for item in items if id(item) in lengths),
+                          key=lambda i: (lengths[id(i)], i.record.index, i.bos_mode))
+        batches = [batch for number, batch in enumerate(_batches(runnable, session.batch_size))
+                   if number % n == k - 1]
+        return cls(not_runnable, batches)
+
+    def todo(self, policy: str, done: set[Key]
+             ) -> tuple[list[tuple[Item, str]], list[list[Item]]]:
+        """What is left under `policy`: the unrunnable items and the batches, less `done`."""
+        batches = [[item for item in batch if item.key(policy) not in done]
+                   for batch in self.batches]
+        return ([(item, why) for item, why in self.not_runnable if item.key(policy) not in done],
+                [batch for batch in batches if batch])
+
+    def count(self, policies: Sequence[PrecisionPolicy], done: set[Key]) -> int:
+        """The result lines still to write (a progress bar's total)."""
+        total = 0
+        for policy in policies:
+            not_runnable, batches = self.todo(policy.name, done)
+            total += len(not_runnable) + sum(map(len, batches))
+        return total
 
 
-def shard_work(session: Session, items: Sequence[Item], policy: str, done: set[Key],
-               shard: tuple[int, int] = (1, 1)) -> Work:
-    """The items of this shard not yet done under `policy`: the batches are cut from every item,
-    sorted by (token length, prompt index, BOS mode), so that they are the unsharded run's."""
-    k, n = shard
-    lengths = {id(item): _length(session, item) for item in items}
-    ordered = sorted(items, key=lambda i: (lengths[id(i)], i.record.index, i.bos_mode))
-    not_runnable = [(item, not_runnable_reason(session, item.spec)) for item in ordered
-                    if lengths[id(item)] < 0 and item.record.index % n == k - 1
-                    and item.key(policy) not in done]
-    runnable = [item for item in ordered if lengths[id(item)] >= 0]
-    batches = [[item for item in batch if item.key(policy) not in done]
-               for number, batch in enumerate(_batches(runnable, session.batch_size))
-               if number % n == k - 1]
-    return Work(not_runnable, [batch for batch in batches if batch])
-
-
-def screen(session: Session, policies: Sequence[PrecisionPolicy], items: Sequence[Item],
+def screen(session: Session, policies: Sequence[PrecisionPolicy], plan: ShardPlan,
            done: set[Key], write: Callable[[list[dict[str, Any]]], None],
-           known: set[Signature] = frozenset(), tick: Optional[Callable[[int], None]] = None,
-           shard: tuple[int, int] = (1, 1)) -> int:
-    """Screens this shard's items not in `done` under every policy, batch by batch, handing each
+           known: set[Signature] = frozenset(), tick: Optional[Callable[[int], None]] = None
+           ) -> int:
+    """Screens the plan's items not in `done` under every policy, batch by batch, handing each
     batch's lines to `write` (the results file) as soon as they exist; returns the items
     screened. Session.screen confirms a signature not seen before by running its prompt alone:
     `known` (the corpus's) and every signature an earlier batch showed are not confirmed again."""
     screened, seen = 0, set(known)
     for policy in policies:
-        work = shard_work(session, items, policy.name, done, shard)
-        for item, error in work.not_runnable:
+        not_runnable, batches = plan.todo(policy.name, done)
+        for item, error in not_runnable:
             write([result_row(item, policy.name, None, None, error)])
-        screened += len(work.not_runnable)
-        if tick and work.not_runnable:
-            tick(len(work.not_runnable))
-        for batch in work.batches:
+        screened += len(not_runnable)
+        if tick and not_runnable:
+            tick(len(not_runnable))
+        for batch in batches:
             results = session.screen([i.spec for i in batch], policy.name, seen)
             seen.update(r.signature for r in results if r.signature is not None)
             write([result_row(i, policy.name, r.verdict, r.signature)
@@ -161,13 +169,6 @@ def screen(session: Session, policies: Sequence[PrecisionPolicy], items: Sequenc
             if tick:
                 tick(len(batch))
     return screened
-
-
-def _length(session: Session, item: Item) -> int:
-    try:
-        return len(encode_prompt(session.model.tokenizer, item.spec, session.bounds))
-    except ValueError:
-        return -1  # not runnable: its line says why, first
 
 
 def _batches(items: list[Item], size: int) -> Iterable[list[Item]]:

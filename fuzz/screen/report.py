@@ -24,6 +24,12 @@ def share_text(p: PolicyScreen) -> str:
             f"{100 * low:.1f}-{100 * high:.1f}%)")
 
 
+def share_cell(p: PolicyScreen) -> str:
+    """'31.2% (28.4-34.1%)': the share and its 95% interval, for a table cell."""
+    low, high = p.interval
+    return f"{100 * p.share:.1f}% ({100 * low:.1f}-{100 * high:.1f}%)"
+
+
 def policy_lines(p: PolicyScreen) -> list[str]:
     safety = "declared safe" if p.expected_safe else "declared unsafe"
     extra = "".join(f", {n} {what}" for n, what in ((p.inconclusive, "inconclusive"),
@@ -47,10 +53,9 @@ def render_markdown(policies: Sequence[PolicyScreen], facts: dict[str, Any]) -> 
     out += ["", "| policy | declared safe | screened | non-finite | share (95% interval) | "
             "inconclusive | not run | signatures |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for p in policies:
-        low, high = p.interval
         out.append(f"| {p.policy} | {'yes' if p.expected_safe else 'no'} | {p.screened} | "
-                   f"{p.nonfinite} | {100 * p.share:.1f}% ({100 * low:.1f}-{100 * high:.1f}%) "
-                   f"| {p.inconclusive} | {p.not_run} | {len(p.signatures)} |")
+                   f"{p.nonfinite} | {share_cell(p)} | {p.inconclusive} | {p.not_run} | "
+                   f"{len(p.signatures)} |")
     for p in policies:
         if not p.signatures:
             continue
@@ -70,10 +75,9 @@ def render_html(policies: Sequence[PolicyScreen], facts: dict[str, Any]) -> str:
                 "<th>screened</th><th>non-finite</th><th>share (95% interval)</th>"
                 "<th>inconclusive</th><th>not run</th><th>signatures</th></tr>")
     for p in policies:
-        low, high = p.interval
         body.append(f"<tr><td>{esc(p.policy)}</td><td>{'yes' if p.expected_safe else 'no'}</td>"
                     f"<td class=num>{p.screened}</td><td class=num>{p.nonfinite}</td>"
-                    f"<td>{100 * p.share:.1f}% ({100 * low:.1f}-{100 * high:.1f}%)</td>"
+                    f"<td>{share_cell(p)}</td>"
                     f"<td class=num>{p.inconclusive}</td><td class=num>{p.not_run}</td>"
                     f"<td class=num>{len(p.signatures)}</td></tr>")
     body.append("</table></div>")
