@@ -186,6 +186,22 @@ def _prompts(tmp_path: Path, n: int = 40) -> Path:
     return path
 
 
+def test_a_prompt_holding_unicode_line_breaks_stays_one_prompt_and_resumes(tmp_path):
+    # U+2028, U+2029 and U+0085 are line breaks to str.splitlines() but not to JSON or editors;
+    # json.dumps(ensure_ascii=False) writes them raw, into the prompt file and the results file
+    odd = "a\u2028b\u2029c\x85d"
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": odd}, ensure_ascii=False) + "\n"
+                    + json.dumps({"prompt": "next"}) + "\n", encoding="utf-8")
+    records = read_prompts([path])
+    assert [(r.source, r.text) for r in records] == [(f"{path}:1", odd), (f"{path}:2", "next")]
+    out = tmp_path / "r.jsonl"
+    args = ["--prompts", str(path), "--policies", "float32", "--out", str(out)]
+    assert screen(*args) == 0
+    assert screen(*args) == 0  # resumed: the raw U+2028 in its results line is read back
+    assert sorted(r["prompt"] for r in read_rows(out)) == sorted([odd, "next"])
+
+
 def test_every_line_once_written_as_it_goes_and_resumed(tmp_path, capsys):
     prompts, out = _prompts(tmp_path, 12), tmp_path / "r.jsonl"
     args = ["--prompts", str(prompts), "--policies", "float16,float32", "--both-bos", "--out",

@@ -4,7 +4,7 @@ them: text, JSONL, CSV/TSV and Parquet files, each prompt with where it came fro
 - text (any other extension): one prompt per line (blank lines skipped; the line ending is not
   part of the prompt), or with `separator` the pieces between separators, taken exactly;
 - JSONL (`.jsonl`, `.ndjson`): one JSON object per line, the prompt in `field` ("prompt"), or a
-  chat in `messages` ([{"role", "content"}, ...]) that fuzz.screen.chat renders with the model's
+  chat in `messages` ([{"role", "content"}, ...]) that fuzz.prompts.chat renders with the model's
   template;
 - CSV/TSV (`.csv`, `.tsv`): a header row, the prompt in column `field` ("prompt");
 - Parquet (`.parquet`, needs pyarrow: `pip install 'gemma-fuzz[parquet]'`): column `field`.
@@ -104,22 +104,30 @@ def _text_of(path: Path) -> str:
                          "file as UTF-8") from None
 
 
+def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) split at "\n" only ("\r\n" too), as editors number lines.
+    Not str.splitlines(): it also splits at U+2028, U+0085 and other breaks that a JSON string
+    may hold unescaped (json.dumps(..., ensure_ascii=False) writes them as they are), which would
+    cut such a prompt's line in two."""
+    for n, line in enumerate(text.split("\n"), start=1):
+        yield n, line.removesuffix("\r")
+
+
 def _text(path: Path, text: str, separator: Optional[str]) -> Iterator[tuple]:
     if separator is None:
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in numbered_lines(text):
             if line.strip():
                 yield f"{path}:{n}", line, None
         return
-    offset = 0
+    line = 1  # where the piece starts, counted as we go (one pass over the file)
     for piece in text.split(separator):
-        line = text.count("\n", 0, offset) + 1
-        offset += len(piece) + len(separator)
         if piece:
             yield f"{path}:{line}", piece, None
+        line += piece.count("\n") + separator.count("\n")
 
 
 def _jsonl(path: Path, text: str, field: str) -> Iterator[tuple]:
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in numbered_lines(text):
         if not line.strip():
             continue
         where = f"{path}:{n}"

@@ -27,7 +27,7 @@ try:
 except ImportError:  # Windows: no advisory locks; two screens on one file are the user's to avoid
     fcntl = None  # type: ignore[assignment]
 
-from fuzz.prompts.files import InputError
+from fuzz.prompts.files import InputError, numbered_lines
 from fuzz.verdict import json_safe
 
 Key = tuple[int, str, str]  # (prompt_index, policy, bos_mode)
@@ -90,7 +90,9 @@ class ResultsFile:
 
     def _check(self, text: str) -> None:
         """Every line a result of this run, each key once (InputError naming file:line)."""
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in numbered_lines(text):
+            if not line:
+                continue  # the end of the last line
             try:
                 row = json.loads(line)
                 key = row_key(row)
@@ -133,5 +135,5 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Every complete line of a results file (one of several shards' files, e.g.)."""
     with contextlib.suppress(FileNotFoundError):
         text = Path(path).read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for _, line in numbered_lines(text) if line.strip()]
     return []
