@@ -31,13 +31,38 @@ class Recorder(Protocol):
 
 @dataclass(frozen=True)
 class Numerics:
-    """How the forward departs from upstream on purpose. The default departs in nothing."""
+    """How the forward departs from upstream on purpose. The default departs in nothing.
+
+    Every engine that runs a mitigation applies these the same way (the built-in forward,
+    fuzz.engine.transformers.mitigate): the residual stream of layer i enters the layer cast to
+    `residual_dtype_at(i)`; post-norms output in that dtype, pre-norms in the model dtype (they
+    feed matmuls); `clamp_add` follows every residual add, `clamp_norm` every norm's output.
+    """
 
     residual_dtype: Optional[torch.dtype] = None  # None: the model dtype, as upstream
-    clamp: Optional[float] = None  # clamp residual adds and norm outputs to +-clamp
+    # None: residual_dtype applies to every layer; otherwise only to these layers (a plan from
+    # `fuzz advise --plan`): the others run their residual stream in the model dtype
+    residual_layers: Optional[frozenset[int]] = None
+    clamp: Optional[float] = None  # clamp residual adds (and norm outputs) to +-clamp
+    clamp_norms: bool = True  # False: the clamp follows the residual adds only
+    # the final norm's output and the LM head's product in float32 (float32 logits)
+    float32_logits: bool = False
 
-    def clamp_(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_dtype_at(self, layer: int, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype layer `layer`'s residual stream runs in."""
+        if self.residual_dtype is None:
+            return model_dtype
+        if self.residual_layers is not None and layer not in self.residual_layers:
+            return model_dtype
+        return self.residual_dtype
+
+    def clamp_add(self, x: torch.Tensor) -> torch.Tensor:
         if self.clamp is None:
+            return x
+        return x.clamp(-self.clamp, self.clamp)
+
+    def clamp_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clamp is None or not self.clamp_norms:
             return x
         return x.clamp(-self.clamp, self.clamp)
 

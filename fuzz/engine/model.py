@@ -221,7 +221,7 @@ class DecoderLayer(nn.Module):
 
     def _norm(self, name: str, x: torch.Tensor, dtype: torch.dtype, num: Numerics,
               rec: Optional[Recorder]) -> torch.Tensor:
-        y = num.clamp_(getattr(self, name)(x, dtype))
+        y = num.clamp_norm(getattr(self, name)(x, dtype))
         if rec:
             rec.site(self.index, name, y)
         return y
@@ -229,7 +229,7 @@ class DecoderLayer(nn.Module):
     def _add(self, name: str, residual: torch.Tensor, branch: torch.Tensor, num: Numerics,
              rec: Optional[Recorder]) -> torch.Tensor:
         # Upstream adds in the model dtype; a float32 residual (mitigation) upcasts the branch.
-        out = num.clamp_(residual + branch.to(residual.dtype))
+        out = num.clamp_add(residual + branch.to(residual.dtype))
         if rec:
             rec.residual(self.index, name, residual, branch, out)
         return out
@@ -310,33 +310,39 @@ class GemmaForCausalLM(nn.Module):
         h = h * normalizer  # in the model dtype: sqrt(3072) becomes 55.5 in float16 (upstream)
         if rec:
             rec.site(-1, "embedding", h)
-        if num.residual_dtype is not None:
-            h = h.to(num.residual_dtype)
         # RoPE tables and masks depend only on the attention type: built once per forward.
         kinds = {layer.attn_type: layer.self_attn.window for layer in self.model.layers}
         freqs = {t: rope_frequencies(cfg.head_dim, batch.positions, cfg.rope_theta(t),
                                      cfg.rope_scaling(t))
                  for t in kinds}
         masks = {t: attention_mask(batch, window) for t, window in kinds.items()}
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
+        for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
             t = layer.attn_type
+            # A mitigation's residual dtype (every layer, or a plan's layers): cast on entry, so
+            # a plan's float32 span returns to the model dtype where the next layer starts.
+            h = h.to(num.residual_dtype_at(i, dtype))
             h = layer(h, batch, freqs[t], masks[t], layer_cache, dtype, num, rec)
         if last_only:
             h = h[:, -1:]
-        h = self.model.norm(h, dtype)
-        last = cfg.num_hidden_layers
+        # onnxruntime-genai's Gemma fix (float32_logits; PRs #1441, #1448) keeps the final norm
+        # in float32 and computes float32 logits, the head's weights read exactly as float32.
+        head_dtype = torch.float32 if num.float32_logits else dtype
+        h = self.model.norm(h, head_dtype)
         if rec:
-            rec.site(last, "final_norm", h)
+            rec.site(cfg.num_hidden_layers, "final_norm", h)
         # Tied head: h @ E^T, as upstream's matmul(h, E.t()): F.linear computes the same products.
         # Measured on this CPU (benchmarks/bench_throughput.py): float16 matmuls whose right
         # operand is a contiguous [K, N] matrix fall to a kernel ~80x slower (11.3 s vs 0.14 s
         # for 16 rows of the LM head); F.linear keeps every weight in its [N, K] layout.
-        logits = kernels.linear(h, self.embedder.weight)
+        if num.float32_logits:
+            logits = F.linear(h, kernels.float32_weight(self.embedder.weight))
+        else:
+            logits = kernels.linear(h, self.embedder.weight)
         if cfg.final_logit_softcapping is not None:
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         if rec:
-            rec.site(last, "logits", logits)
+            rec.site(cfg.num_hidden_layers, "logits", logits)
         return logits[:, -1] if last_only else logits
 
 
