@@ -28,6 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from fuzz.advise.rule import DEFAULT_MAX_KLD
+from fuzz.advise.text import DEFAULT_CHUNKS as ADVISE_CHUNKS
+from fuzz.advise.text import DEFAULT_TOKENS as ADVISE_TOKENS
 from fuzz.corpus import Case, Corpus
 from fuzz.engine.loaded import ENGINES
 from fuzz.long import LONG_BATCH_SIZE, LONG_MAX_NEW_TOKENS, profile_bounds
@@ -366,7 +369,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 # --- advise ------------------------------------------------------------------------------------
 def cmd_advise(args: argparse.Namespace) -> int:
-    from fuzz.advise.report import main as advise_main
+    from fuzz.advise.command import main as advise_main
 
     return advise_main(args, _options(args), bounds_from_args(args))
 
@@ -547,18 +550,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_screen)
 
-    p = sub.add_parser("advise", help="measure every policy here and recommend one")
+    p = sub.add_parser(
+        "advise", help="measure every policy here and recommend one",
+        description="Every precision policy on the corpus cases, on --sample seeded prompts "
+                    "(greedy, batched, every policy on every batch: speed with its interval) "
+                    "and teacher-forced on a text set and the float32 continuations: KL "
+                    "divergence from float32 at every position, with cluster-bootstrap 95% "
+                    "intervals. Recommends a policy finite everywhere whose mean-KLD interval "
+                    "ends at or under --max-kld; the fastest where speed intervals separate, "
+                    "else the safest. Exit 0 with a recommendation, 1 without, 2 bad input.")
     _model_args(p)
     _bounds_args(p, bos=False)
-    p.add_argument("--corpus", default=None, help="also run every case of the model from this "
-                                                  "corpus directory (e.g. corpus)")
+    p.add_argument("--corpus", default=None,
+                   help=f"also run every case of the model from this corpus directory (default: "
+                        f"./{DEFAULT_CORPUS} when it exists; 'none': no corpus)")
     p.add_argument("--sample", type=int, default=32,
                    help="prompts to draw from the strategies, each run with and without BOS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=parse_duration, default=None,
-                   help="stop sampling once this is spent, e.g. 8m (the corpus always runs)")
+                   help="stop sampling once this is spent, e.g. 8m (the corpus and the "
+                        "teacher-forced text always run)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--report", help="write DIR/advise.md, .html, .json, .png (or PATH.*)")
+    p.add_argument("--text", metavar="FILE",
+                   help="plain UTF-8 text to teacher-force (default: the Python standard "
+                        "library's source, read from this interpreter)")
+    p.add_argument("--text-chunks", type=int, default=ADVISE_CHUNKS,
+                   help=f"chunks of the text to teacher-force (at least 2; default "
+                        f"{ADVISE_CHUNKS})")
+    p.add_argument("--text-tokens", type=int, default=ADVISE_TOKENS,
+                   help=f"tokens per chunk, BOS included (default {ADVISE_TOKENS})")
+    p.add_argument("--max-kld", type=float, default=DEFAULT_MAX_KLD,
+                   help="a policy qualifies when the upper end of its mean-KLD 95%% interval "
+                        f"is at most this many nats (default {DEFAULT_MAX_KLD:g}, a chosen line)")
+    p.add_argument("--report", metavar="PATH",
+                   help="write PATH/advise.md, .html, .json, .png (PATH a directory, created "
+                        "if missing), or PATH.md etc. for a PATH ending in .md/.html/.json")
+    p.add_argument("--plan", action="store_true",
+                   help="first find the fewest layers whose residual stream must run in "
+                        "float32 for every corpus case, sampled prompt and --prompts prompt to "
+                        "stay finite with headroom (greedy growth, then pruning); write it as a "
+                        "plan file and measure it beside the other policies")
+    p.add_argument("--plan-out", metavar="FILE.json",
+                   help="with --plan: where the plan goes (default plan-MODEL.json; never "
+                        "overwritten); use it as --policy plan:FILE.json")
+    p.add_argument("--prompts", nargs="+", metavar="FILE",
+                   help="with --plan: prompt files (as fuzz screen reads them) the plan must "
+                        "also keep finite")
+    p.add_argument("--min-headroom", type=float, default=None,
+                   help="with --plan: the least limit / max |x| a check must keep (default "
+                        "1.02)")
     p.set_defaults(func=cmd_advise)
     return parser
 

@@ -17,9 +17,10 @@ from fuzz.cli import main
 from fuzz.corpus import Corpus
 from fuzz.prompts.chat import TemplateError, chat_spec, gemma_render, jinja_render
 from fuzz.prompts.files import read_prompts
+from fuzz.report.intervals import wilson_interval
 from fuzz.screen.command import exit_code
 from fuzz.screen.results import read_rows, row_key
-from fuzz.screen.summary import PolicyScreen, wilson_interval
+from fuzz.screen.summary import PolicyScreen
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-planted", "--max-new-tokens", "2", "--quiet", "--device", "cpu"]
