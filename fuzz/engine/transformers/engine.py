@@ -23,8 +23,10 @@ logits`, `new_cache`, `dtype`, `device`):
   their other positions), and then no engine would check the same positions as the others, nor
   could a finding there be explained position by position (fuzz.generate.explain). Every layer
   computes every position, as in the built-in and upstream engines;
-- only the plain precision policies (float32, bfloat16, float16): the mitigations are the
-  built-in engine's departures, which transformers' classes do not have;
+- every precision policy: a mitigated one's Numerics (clamps, a float32 residual stream, float32
+  logits) are applied to the built model by fuzz.engine.transformers.mitigate, which re-states
+  the Gemma 1/2/3 layers' forwards with the built-in engine's adds, casts and clamps, hooks
+  intact. Gemma 3n and Gemma 4 run the plain policies only (their layers have no such forward);
 - attention: `eager` or `sdpa` (transformers' attn_implementation), or transformers' own choice
   (engine kind `transformers`: sdpa where the class has it, eager for Gemma 2). `.attention` says
   which one ran.
@@ -44,6 +46,7 @@ from fuzz.engine.transformers.build import (
     import_transformers,
 )
 from fuzz.engine.transformers.hooks import TransformersHookProbe
+from fuzz.engine.transformers.mitigate import apply_numerics
 
 KINDS = ("transformers", *(f"transformers-{a}" for a in ATTENTIONS))
 
@@ -69,15 +72,6 @@ def attention_of(kind: str) -> Optional[str]:
     return None if kind == "transformers" else kind[len("transformers-"):]
 
 
-def refuse_mitigation(policy: Any) -> None:
-    if not policy.faithful:
-        raise ValueError(
-            f"policy {policy.name!r} is a mitigation of the built-in engine that transformers' "
-            "model classes do not have; the transformers engine runs the plain policies only "
-            "(a dtype and nothing else: float32, bfloat16, float16); run mitigations with "
-            "--engine builtin")
-
-
 class TransformersCache:
     """transformers' DynamicCache for one generation, with the interface's keep_rows."""
 
@@ -96,10 +90,14 @@ class TransformersEngine(ForeignEngine):
 
     def __init__(self, loaded: Any, policy: Any, device: torch.device | str,
                  attention: Optional[str] = None) -> None:
-        refuse_mitigation(policy)
         super().__init__(loaded.config, policy.dtype, device)
         self.model = build_transformers_model(loaded, policy.dtype, self._device,
                                               check_attention(attention))
+        # A mitigated policy's numerics, applied to transformers' classes as the built-in engine
+        # applies them (fuzz.engine.transformers.mitigate); kept for the engine's life.
+        self.numerics = policy.numerics
+        self.mitigation = (None if policy.faithful
+                           else apply_numerics(self.model, policy.numerics, policy.dtype))
         self.attention: str = self.model.config._attn_implementation
 
     def new_cache(self, batch: int, max_len: int) -> TransformersCache:

@@ -1,0 +1,100 @@
+"""Library API: run your own Gemma under one of fuzz's mitigated precision policies.
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from fuzz.mitigate import apply
+    from fuzz.monitor import watch
+
+    model = AutoModelForCausalLM.from_pretrained("google/gemma-3-270m", dtype=torch.float16)
+    with apply(model, "float16-fp32-residual"), watch(model, on_nonfinite="raise") as m:
+        model.generate(**inputs, max_new_tokens=16)
+    print(m.report())
+
+`apply(model, policy)` changes the model in place and returns a handle that undoes it
+(`.remove()`, or leave its `with` block). `policy` is a policy name of fuzz.precision
+(float16-clamp, float16-fp32-residual, float16-clip32752, float16-fp32-norm-residual, a plan
+`float16-fp32-layers:7+8` or `plan:FILE.json` from `fuzz advise --plan`) or a PrecisionPolicy.
+The model must already be in the policy's dtype (every mitigated policy is float16: convert it
+with `model.to(torch.float16)`); its numerics are then the ones fuzz measured, op for op:
+
+- a transformers GemmaForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM (or the language model
+  of a Gemma 3 multimodal wrapper): forwards replaced by fuzz.engine.transformers.mitigate, the
+  same code `--engine transformers` runs; module hooks (fuzz.monitor's) keep working;
+- the built-in engine's fuzz.engine.model.GemmaForCausalLM: its `numerics` set.
+
+Gemma 3n and Gemma 4 have no mitigation here (their layers differ); a second `apply` before the
+first is removed is refused.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from fuzz.engine.interface import FAITHFUL, Numerics
+from fuzz.engine.model import GemmaForCausalLM as BuiltinModel
+from fuzz.precision import PrecisionPolicy, get_policy
+
+__all__ = ["BuiltinMitigation", "apply", "model_dtype"]
+_APPLIED = "_gemma_fuzz_mitigation"  # as fuzz.engine.transformers.mitigate marks its models
+
+
+class BuiltinMitigation:
+    """The built-in model's numerics while a policy is applied; `remove()` restores them."""
+
+    def __init__(self, model: BuiltinModel, numerics: Numerics) -> None:
+        if model.numerics != FAITHFUL or getattr(model, _APPLIED, None) is not None:
+            raise RuntimeError(f"this built-in model already runs a policy (numerics "
+                               f"{model.numerics}); remove() the handle that applied it, or "
+                               "build the model faithful (fuzz.engine.model.materialize without "
+                               "numerics), before applying another")
+        self.model, self.numerics, self.active = model, numerics, True
+        model.numerics = numerics
+        setattr(model, _APPLIED, self)
+
+    def remove(self) -> None:
+        """Restores the faithful numerics; a second call does nothing."""
+        if self.active:
+            self.model.numerics = FAITHFUL
+            delattr(self.model, _APPLIED)
+            self.active = False
+
+    def __enter__(self) -> BuiltinMitigation:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its input embedding's (transformers' `model.dtype` is the
+    first floating parameter's, which a multimodal wrapper's vision tower may hold)."""
+    if isinstance(model, BuiltinModel):
+        return model.dtype
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    if embedding is None or not hasattr(embedding, "weight"):
+        raise TypeError(f"{type(model).__name__} is not a Gemma causal LM fuzz can mitigate "
+                        "(no input embedding); pass a transformers Gemma*ForCausalLM or the "
+                        "built-in engine's fuzz.engine.model.GemmaForCausalLM")
+    return embedding.weight.dtype
+
+
+def apply(model: nn.Module, policy: Union[str, PrecisionPolicy]) -> Any:
+    """Runs `model` under `policy` from now on (module docstring); returns the handle that undoes
+    it (`.remove()`, or a context manager)."""
+    chosen = get_policy(policy) if isinstance(policy, str) else policy
+    if not isinstance(chosen, PrecisionPolicy):
+        raise TypeError(f"policy must be a policy name or a fuzz.precision.PrecisionPolicy, got "
+                        f"{type(policy).__name__}")
+    dtype = model_dtype(model)
+    if dtype != chosen.dtype:
+        raise ValueError(f"{type(model).__name__} is in {dtype} but policy {chosen.name!r} runs "
+                         f"in {chosen.dtype}: convert the model first, e.g. "
+                         f"model.to({chosen.dtype}), then apply the policy")
+    if isinstance(model, BuiltinModel):
+        return BuiltinMitigation(model, chosen.numerics)
+    from fuzz.engine.transformers.mitigate import apply_numerics
+
+    return apply_numerics(model, chosen.numerics, chosen.dtype)
