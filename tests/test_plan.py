@@ -32,12 +32,12 @@ def planted() -> Session:
 
 @pytest.fixture(scope="module")
 def planted_plan(planted: Session):
-    return find_plan(planted, prompt_checks(planted, ["7", "hello"], "sampled"))
+    return find_plan(planted, prompt_checks(planted, ["7", "hello"], "seed 0"))
 
 
 def test_the_plan_is_the_fewest_layers_that_keep_every_check_within_headroom(
         planted: Session, planted_plan) -> None:
-    checks = prompt_checks(planted, ["7", "hello"], "sampled")
+    checks = prompt_checks(planted, ["7", "hello"], "seed 0")
     assert [c.spec.add_bos for c in checks] == [True, False, True, False]
     failures, _ = evaluate(planted, POLICIES["float16"], checks, 1.02)
     assert failures  # plain float16 fails: there is something to plan
@@ -56,22 +56,23 @@ def test_the_plan_is_the_fewest_layers_that_keep_every_check_within_headroom(
 
 def test_a_model_that_never_comes_back_below_the_limit_needs_every_layer_after_the_overflow():
     session = Session(load_model("tiny-digit-run-8"), bounds=BOUNDS, batch_size=4)
-    plan = find_plan(session, prompt_checks(session, ["00000000", "hello 12"], "sampled"))
+    plan = find_plan(session, prompt_checks(session, ["00000000", "hello 12"], "seed 0"))
     assert plan.layers == [0, 1, 2, 3]
 
 
 def test_nothing_to_plan_when_float16_passes() -> None:
     session = Session(load_model("tiny-planted"), bounds=BOUNDS, batch_size=4)
-    plan = find_plan(session, prompt_checks(session, ["hello"], "sampled"))
+    plan = find_plan(session, prompt_checks(session, ["hello"], "seed 0"))
     assert plan.layers == [] and plan.evaluations == 1
     assert "no layer needs float32" in plan_text(plan)
 
 
 def test_a_failure_no_plan_can_fix_is_named(planted: Session) -> None:
     # headroom 1e6 asks for what float16 matmuls cannot give whatever the residual stream's dtype
-    plan = find_plan(planted, prompt_checks(planted, ["hello"], "sampled"), min_headroom=1e6)
+    plan = find_plan(planted, prompt_checks(planted, ["hello"], "seed 0"), min_headroom=1e6)
     assert plan.layers is None and plan.policy is None
-    assert "stays float16 in every plan" in plan.why_none and "sampled (BOS)" in plan.why_none
+    assert "stays float16 in every plan" in plan.why_none
+    assert "sampled seed 0 (BOS)" in plan.why_none
     assert "no plan:" in plan_text(plan)
 
 

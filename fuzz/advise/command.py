@@ -110,7 +110,7 @@ def _plan(args: Any, session: Session, corpus: Optional[Corpus]) -> tuple[bool, 
     the plan, its file. Returns (a plan was found, its policy or None when none is needed)."""
     checks = (corpus_checks(session, corpus)
               + prompt_checks(session, runnable_prompts(session, args.sample, args.seed),
-                              "sampled")
+                              f"seed {args.seed}")
               + file_checks(session, args.prompts or []))
     plan = find_plan(session, checks, args.min_headroom or DEFAULT_MIN_HEADROOM, _progress)
     plan.command = command_line(args, session.bounds)

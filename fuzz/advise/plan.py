@@ -54,7 +54,8 @@ DEFAULT_MIN_HEADROOM = 1.02
 class Check:
     """One run every plan must keep finite: where it came from, what runs, with which bounds."""
 
-    source: str  # "corpus <case id>", "sampled", or the prompt file's file:line
+    kind: str  # "corpus", "sampled" or "prompts" (a --prompts file)
+    source: str  # the case id, "seed N", or the prompt file's file:line
     spec: PromptSpec
     bounds: Bounds
 
@@ -100,15 +101,16 @@ class Plan:
 def corpus_checks(session: Session, corpus: Optional[Corpus]) -> list[Check]:
     if corpus is None:
         return []
-    return [Check(f"corpus {loaded.path.stem}", case_spec(loaded.case), case_bounds(loaded.case))
+    return [Check("corpus", f"case {loaded.path.stem}", case_spec(loaded.case),
+                  case_bounds(loaded.case))
             for loaded in corpus.cases(session.model.name)
             if loaded.case.model_fingerprint == session.model.fingerprint]
 
 
 def prompt_checks(session: Session, texts: Sequence[str], source: str) -> list[Check]:
-    """Each text with BOS and without, where it fits the session's bounds."""
+    """Each sampled text with BOS and without, where it fits the session's bounds."""
     specs = [PromptSpec(t, add_bos=b) for t in texts for b in (True, False)]
-    return [Check(source, s, session.bounds) for s in specs if session.runnable(s)]
+    return [Check("sampled", source, s, session.bounds) for s in specs if session.runnable(s)]
 
 
 def file_checks(session: Session, paths: Sequence[str]) -> list[Check]:
@@ -120,7 +122,8 @@ def file_checks(session: Session, paths: Sequence[str]) -> list[Check]:
             specs = [chat_spec(record.messages, session.model.chat_template)]
         else:
             specs = [PromptSpec(record.text, add_bos=b) for b in (True, False)]
-        out += [Check(record.source, s, session.bounds) for s in specs if session.runnable(s)]
+        out += [Check("prompts", record.source, s, session.bounds) for s in specs
+                if session.runnable(s)]
     return out
 
 
@@ -165,9 +168,7 @@ def find_plan(session: Session, checks: Sequence[Check],
     """Grows, prunes and re-checks the plan (module docstring)."""
     counts: dict[str, int] = {}
     for check in checks:
-        kind = check.source.split()[0] if check.source.startswith(("corpus", "sampled")) \
-            else "prompts"
-        counts[kind] = counts.get(kind, 0) + 1
+        counts[check.kind] = counts.get(check.kind, 0) + 1
     num_layers = session.model.config.num_hidden_layers
     plan = Plan(session.model.name, session.model.fingerprint, num_layers, min_headroom, counts,
                 None)
@@ -201,7 +202,8 @@ def find_plan(session: Session, checks: Sequence[Check],
             stuck = next(f for f in failures if f.layer is None or f.layer in layers
                          or not 0 <= f.layer < num_layers)
             plan.why_none = (
-                f"{stuck.check.source} ({'BOS' if stuck.check.spec.add_bos else 'no BOS'}) is "
+                f"{stuck.check.kind} {stuck.check.source} "
+                f"({'BOS' if stuck.check.spec.add_bos else 'no BOS'}) is "
                 f"{stuck.status} with headroom {stuck.headroom:.3g} at layer {stuck.layer} "
                 f"{stuck.site}, which stays float16 in every plan (matmul or pre-norm output): "
                 "only a wider policy (bfloat16, float32) keeps it")
