@@ -14,7 +14,7 @@ from fuzz import cli
 from fuzz.cli import main, parse_duration
 from fuzz.corpus import Corpus, load_case
 from fuzz.engine.zoo import load_model
-from fuzz.precision import parse_policies
+from fuzz.precision import POLICIES, parse_policies
 from fuzz.run import FuzzJob
 from fuzz.session import Session
 from fuzz.verdict import Bounds, PromptSpec
@@ -205,7 +205,9 @@ def test_replay_reports_reproduced_cases_and_safe_policies(tmp_path, capsys):
     assert main(["replay", "--corpus", corpus]) == 0
     out = capsys.readouterr().out
     assert "0 regressions" in out and "0 cases no longer reproduce" in out
-    assert out.count("yes") == 5  # the recorded float16 + four policies declared safe
+    safe = sum(p.expected_safe for p in POLICIES.values())
+    assert safe == 6  # float32, bfloat16 and the four float16 fixes
+    assert out.count("yes") == 1 + safe  # the recorded float16 + every policy declared safe
 
 
 def test_parse_duration():
