@@ -292,7 +292,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # --- replay ------------------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
-    from fuzz.corpus.replay import replay_corpus
+    from fuzz.corpus.replay import replay_corpus, root_cause_lines
 
     model = ModelOptions(variant=args.variant, config=args.config, tokenizer=args.tokenizer)
     rows = replay_corpus(Corpus(Path(args.corpus)), model_filter=args.model,
@@ -308,10 +308,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     errors = [r for r in rows if r.error]
     for row in errors:  # in full: the table cuts the fingerprints and the path
         print(f"error: {row.got}", file=sys.stderr)
+    counts, causes = root_cause_lines(rows)  # the recorded cases by mechanism (fuzz.rootcause)
+    if causes:
+        print("\nroot causes (recorded):", *(f"  {line}" for line in causes), sep="\n")
     print(f"\n{len(rows)} checks: {regressions} regressions (a safe policy went non-finite), "
           f"{stale} cases no longer reproduce, {moved} first sites moved"
           + (" (a failure: --strict-site)" if args.strict_site and moved else "")
-          + (f", {len(errors)} not run (not the case's model)" if errors else ""))
+          + (f", {len(errors)} not run (not the case's model)" if errors else "")
+          + f"; {counts}")
     return 1 if regressions or stale or errors else 0
 
 

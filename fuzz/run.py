@@ -36,6 +36,7 @@ from fuzz.prompts.chat import chat_spec
 from fuzz.prompts.files import PromptRecord
 from fuzz.report import PolicySummary, RunSummary
 from fuzz.report.progress import Progress, print_summary
+from fuzz.rootcause import token_piece
 from fuzz.search.database import open_database
 from fuzz.search.misses import MissPool
 from fuzz.search.proposals import Proposer
@@ -312,7 +313,8 @@ class FuzzJob:
             self.marginal_prompts[err.screened.signature, err.spec.text] = case.signature
             status, path = "marginal", None
         finding = self.summaries[verdict.policy].add_finding(
-            verdict, status, path, case.signature, how, case.margin, case.robustness)
+            verdict, status, path, case.signature, how, case.margin, case.robustness,
+            self._piece(verdict))
         finding.minimization = case.minimization
         finding.grew_from = case.finder.get("grew_from")
         # the report's heat map: one more run of the saved prompt, keeping per-position maxima
@@ -327,7 +329,11 @@ class FuzzJob:
         (an example database, on by default, keeps it too: the next run of this mode replays it
         first)."""
         self.summaries[verdict.policy].add_finding(verdict, "unmeasured", None, sig, how,
-                                                   margin, robustness)
+                                                   margin, robustness, self._piece(verdict))
+
+    def _piece(self, verdict: Verdict) -> Optional[str]:
+        """The failing token's piece, for the report's root causes (it has no tokenizer)."""
+        return token_piece(self.session.model.tokenizer, verdict.first_nonfinite)
 
     def _note_marginal(self, sig: Signature) -> None:
         """After MARGINAL_TRIES marginal findings of one signature, this run stops chasing it

@@ -88,6 +88,11 @@ def failed_at_bos(first: NonFinite, add_bos: bool) -> bool:
     return bool(add_bos) and first.position == 0
 
 
+def plural(n: int, word: str) -> str:
+    """'1 case', '2 cases': here, at the bottom, so that every layer words its counts alike."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def layer_label(layer: int, num_layers: int) -> str:
     """Layers are counted from 0; the embedding is 'embedding' and the head is 'head'."""
     if layer < 0:

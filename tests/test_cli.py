@@ -205,6 +205,9 @@ def test_replay_reports_reproduced_cases_and_safe_policies(tmp_path, capsys):
     assert main(["replay", "--corpus", corpus]) == 0
     out = capsys.readouterr().out
     assert "0 regressions" in out and "0 cases no longer reproduce" in out
+    # the recorded case by mechanism: "7" after BOS is the first content token
+    assert "; 1 case: 1 signature in 1 root cause" in out
+    assert "first token (float16): 1 case, layer 2, e.g. token '7'" in out
     safe = sum(p.expected_safe for p in POLICIES.values())
     assert safe == 6  # float32, bfloat16 and the four float16 fixes
     assert out.count("yes") == 1 + safe  # the recorded float16 + every policy declared safe

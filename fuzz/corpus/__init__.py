@@ -43,6 +43,7 @@ from fuzz.corpus.case import (
     case_id,
     check_model_name,
     finder_info,
+    root_cause,
     short_label,
     signature,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "check_model_name",
     "finder_info",
     "load_case",
+    "root_cause",
     "short_label",
     "signature",
 ]

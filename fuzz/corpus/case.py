@@ -1,9 +1,9 @@
 """The case schema and a finding's identity: what a case holds, how it is named and bucketed.
 
-:class:`Case` is one stored finding; :func:`signature` is its crash bucket and :func:`case_id`
-its file name. Turning a file back into a Case lives in :mod:`fuzz.corpus.validate`; storing it
-in :mod:`fuzz.corpus.store`. Nothing here touches the file system or needs torch (except
-:func:`finder_info`, which imports it when called).
+:class:`Case` is one stored finding; :func:`signature` is its crash bucket, :func:`root_cause`
+its mechanism (coarser: no layer) and :func:`case_id` its file name. Turning a file back into a
+Case lives in :mod:`fuzz.corpus.validate`; storing it in :mod:`fuzz.corpus.store`. Nothing here
+touches the file system or needs torch (except :func:`finder_info`, which imports it when called).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import fuzz
+from fuzz.rootcause import RootCause
 from fuzz.verdict import NonFinite, Signature, Verdict, json_safe
 
 if TYPE_CHECKING:  # what a case is made from: no import at run time (the corpus needs no torch)
@@ -201,6 +202,14 @@ def _token_ids(ids: list[Any]) -> list[int]:
 def signature(case: Case) -> Signature:
     """The crash bucket of a case: what makes two findings 'the same bug'."""
     return Signature.of(case.model_fingerprint, case.policy, case.add_bos, case.first_nonfinite)
+
+
+def root_cause(case: Case, piece: str | None = None) -> RootCause:
+    """The mechanism of a case (fuzz.rootcause): coarser than its signature, the layer left out.
+    `piece`: the tokenizer's piece of the failing token, when a tokenizer is at hand (a case
+    stores ids only)."""
+    return RootCause.of(case.model_fingerprint, case.policy, case.add_bos, case.prompt_ids,
+                        case.first_nonfinite, piece)
 
 
 def case_id(case: Case) -> str:

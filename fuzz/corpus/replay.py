@@ -18,11 +18,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-from fuzz.corpus import Case, Corpus, LoadedCase, short_label
+from fuzz.corpus import Case, Corpus, LoadedCase, root_cause, short_label
 from fuzz.engine.zoo import ModelNotInstalled, is_installed, is_zoo_name
 from fuzz.precision import POLICIES
+from fuzz.rootcause import RootCause, counts_text, group_root_causes, group_text, token_piece
 from fuzz.session import ModelOptions, Session
-from fuzz.verdict import Bounds, NonFinite, PromptSpec, Verdict
+from fuzz.verdict import Bounds, NonFinite, PromptSpec, Signature, Verdict
 
 Expectation = Literal["finite", "reproduce"]
 
@@ -187,6 +188,10 @@ class ReplayRow:
     ok: bool
     moved: bool = False
     error: bool = False  # the check could not run: the model found is not the case's
+    # a 'reproduce' row's case as recorded: its signature and root cause (the piece spelled when
+    # its model was loaded); None on 'finite' rows, so that each case counts once
+    signature: Optional[Signature] = None
+    cause: Optional[RootCause] = None
 
     @property
     def regression(self) -> bool:
@@ -223,19 +228,40 @@ def replay_corpus(corpus: Corpus, model_filter: Optional[str] = None, device: st
             reason = "mitigated policies run on the built-in and transformers engines only"
         if reason:
             rows.append(ReplayRow(check.label, check.policy, check.expected,
-                                  f"skipped: {reason}", True))
+                                  f"skipped: {reason}", True, **_recorded(check)))
             continue
         try:
-            outcome = run_check(check, replay_session(check, device, engine, override),
-                                strict_site)
+            session = replay_session(check, device, engine, override)
+            outcome = run_check(check, session, strict_site)
         except ModelNotInstalled as err:
-            rows.append(ReplayRow(check.label, check.policy, check.expected, str(err), True))
+            rows.append(ReplayRow(check.label, check.policy, check.expected, str(err), True,
+                                  **_recorded(check)))
             continue
         except ModelMismatch as err:
             rows.append(ReplayRow(check.label, check.policy, check.expected, str(err), False,
-                                  error=True))
+                                  error=True, **_recorded(check)))
             continue
         got = outcome.got + (" [model changed]" if outcome.fingerprint_changed else "")
         rows.append(ReplayRow(check.label, check.policy, check.expected, got, outcome.ok,
-                              outcome.moved))
+                              outcome.moved, **_recorded(check, session)))
     return rows
+
+
+def _recorded(check: ReplayCheck, session: Optional[Session] = None) -> dict:
+    """A 'reproduce' row's signature and root cause, as the case recorded them (the piece from
+    the session's tokenizer when its model was loaded); nothing for a 'finite' row."""
+    if check.expected != "reproduce":
+        return {}
+    case = check.loaded.case
+    piece = None if session is None else token_piece(session.model.tokenizer,
+                                                       case.first_nonfinite)
+    return {"signature": case.signature, "cause": root_cause(case, piece)}
+
+
+def root_cause_lines(rows: list[ReplayRow]) -> tuple[str, list[str]]:
+    """('8 cases: 7 signatures in 4 root causes', a line per root cause with its case count
+    and layers) over the rows' recorded cases: what the corpus holds, by mechanism."""
+    recorded = [(r.signature, r.cause) for r in rows
+                if r.signature is not None and r.cause is not None]
+    groups = group_root_causes(recorded)
+    return counts_text(groups, "case"), [group_text(g, unit="case") for g in groups]

@@ -11,7 +11,7 @@ import shlex
 from typing import Any
 
 from fuzz.search.accounting import DTYPE_MAX
-from fuzz.verdict import NonFinite, Signature, Verdict, failed_at_bos, layer_label
+from fuzz.verdict import NonFinite, Signature, Verdict, failed_at_bos, layer_label, plural
 
 
 def fmt_value(x: float) -> str:
@@ -133,10 +133,6 @@ def signature_text(signature: Signature, layers: int | None) -> str:
     label = layer_label(index, layers) if layers else ("embedding" if index < 0 else str(index))
     return f"{layer_site_text(label, signature.site)} at {place}, " \
         f"{'BOS on' if signature.add_bos else 'BOS off'}"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def bounds_text(bounds: dict) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 # the shared wording and commands, read as text.NAME and commands.NAME (text is
 # shadowed in _h, _t, _code)
-from fuzz.report import commands, text
+from fuzz.report import causes, commands, text
 from fuzz.report.describe import bos_text, prompt_literal
 from fuzz.report.heatmap import HEATMAP_CAPTION, finding_key
 from fuzz.search.accounting import Finding, PolicySummary, RunSummary
@@ -79,11 +79,22 @@ def render_html(s: RunSummary, plots: dict[str, bytes] | None = None) -> str:
         f"<p>{_t(text.REPRODUCE_NOTE)}</p>",
         "<h2>Policies</h2>", _html_policy_table(s),
         f"<p>{_t(text.HEADROOM_NOTE)}</p>", f"<p>{_t(text.COUNTS_NOTE)}</p>",
+        *_html_causes(s),
     ]
     for p in s.policies:
         parts.append(_html_policy(s, p, plots.get(p.policy), plots))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _html_causes(s: RunSummary) -> list[str]:
+    """The findings by root cause, their signatures nested under each (none without findings)."""
+    if not s.findings:
+        return []
+    items = "".join(f"<li>{_t(cause)}<ul>" + "".join(f"<li>{_t(sig)}</li>" for sig in sigs)
+                    + "</ul></li>" for cause, sigs in causes.cause_rows(s, text.model_layers(s)))
+    return [f"<h2>{_t(causes.CAUSES_TITLE)}</h2>",
+            f"<p>{_t(causes.causes_count(s))}. {_t(causes.CAUSES_NOTE)}</p>", f"<ul>{items}</ul>"]
 
 
 def _html_policy_table(s: RunSummary) -> str:

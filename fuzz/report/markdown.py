@@ -1,6 +1,7 @@
 """The markdown report: what a person reads in a CI log or a PR.
 
-Header, the policies table (a row per policy and BOS mode), and per policy: its status and counts,
+Header, the policies table (a row per policy and BOS mode), the findings grouped by root cause
+(their signatures under each), and per policy: its status and counts,
 the known signatures it hit, every finding (minimal prompt, first non-finite value, the channel
 and the two terms that overflowed, its margin and robustness, the case file, a command that
 reproduces it), the marginal prompts and the nearest misses. Text that a reader may copy
@@ -12,7 +13,7 @@ import re
 
 # the shared wording and commands, read as text.NAME and commands.NAME (text is
 # shadowed only in md_code, md_cell)
-from fuzz.report import commands, text
+from fuzz.report import causes, commands, text
 from fuzz.report.heatmap import HEATMAP_CAPTION, finding_key
 from fuzz.search.accounting import Finding, PolicySummary, RunSummary
 
@@ -46,9 +47,20 @@ def render_markdown(s: RunSummary, images: dict[str, str] | None = None) -> str:
     for row in text.policy_rows(s):
         out.append("| " + " | ".join(md_cell(c) for c in row.cells) + " |")
     out += ["", text.HEADROOM_NOTE, "", text.COUNTS_NOTE, ""]
+    out += _md_causes(s)
     for p in s.policies:
         out += _md_policy(s, p, images)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _md_causes(s: RunSummary) -> list[str]:
+    """The findings by root cause, their signatures nested under each (none without findings)."""
+    if not s.findings:
+        return []
+    out = [f"## {causes.CAUSES_TITLE}", "", f"{causes.causes_count(s)}. {causes.CAUSES_NOTE}", ""]
+    for cause, signatures in causes.cause_rows(s, text.model_layers(s)):
+        out += [f"- {cause}", *(f"  - {sig}" for sig in signatures)]
+    return out + [""]
 
 
 def _md_policy(s: RunSummary, p: PolicySummary, images: dict[str, str]) -> list[str]:

@@ -12,12 +12,14 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
+from fuzz.report.causes import cause_rows, causes_count
 from fuzz.report.commands import add_command
 from fuzz.report.describe import fmt_headroom, minimization_text, plural
 from fuzz.report.text import (
     headroom_text,
     marginal_text,
     mode_tallies,
+    model_layers,
     saved_text,
     unmeasured_text,
 )
@@ -130,6 +132,10 @@ def print_summary(run: RunSummary) -> None:
         if f.saved_unminimal:
             print(f"    not 1-minimal ({minimization_text(f.minimization)}): "
                   "`python -m fuzz minimize` finishes it")
+    if findings:  # the mechanisms behind them: what a user fixes (fuzz.rootcause)
+        print(f"  by root cause ({causes_count(run)}):")
+        for cause, _ in cause_rows(run, model_layers(run)):
+            print(f"    {cause}")
     for s in summaries:
         for (_, tally), bos in zip(mode_tallies(s), s.bos_modes):
             name = f"{s.policy} {'BOS' if bos else 'no-BOS'}"

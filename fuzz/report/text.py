@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fuzz.report.causes import cause_text, causes_count
 from fuzz.report.commands import add_command, check_command
 from fuzz.report.describe import (
     bos_text,
@@ -291,6 +292,8 @@ def findings_total(s: RunSummary) -> str:
             f"({sum(x.known for x in t)} under known signatures); "
             f"{plural(len(s.findings), 'finding')}: {saved_text(s.policies)}"
             f"{marginal_text(s.policies)}{unmeasured_text(s.policies)}.")
+    if s.findings:
+        text += f" {causes_count(s)}."
     broken = [p.policy for p, x in zip(s.policies, t) if p.expected_safe and x.nonfinite]
     if broken:
         text += f" REGRESSION: declared safe, produced NaN/Inf: {', '.join(broken)}."
@@ -383,7 +386,8 @@ def finding_facts(s: RunSummary, p: PolicySummary, f: Finding,
              ("Prompt", [(prompt_literal(v.prompt), True),
                          (f"{empty} ({plural(len(v.prompt_ids), 'token')})", False)]),
              ("BOS", [("on" if v.add_bos else "off", False)]),
-             ("First non-finite", [(describe_nonfinite(v), False)])]
+             ("First non-finite", [(describe_nonfinite(v), False)]),
+             ("Root cause", [(cause_text(f.root_cause), False)])]
     optional = [("Overflow", describe_terms(v, p.dtype)),
                 ("Margin", margin_text(finding_margin(f))),
                 ("Robustness", robustness_text(f.robustness)),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuzz.rootcause import RootCause
 from fuzz.search.jsonform import need, verdict_from_dict, verdict_to_dict
 from fuzz.verdict import Signature, Verdict, from_json_safe, json_safe
 
@@ -62,6 +63,9 @@ class Finding:
     minimization: dict[str, Any] | None = None
     # the seed prompt ("file:line", fuzz run --seed-prompts) the finding was edited from
     grew_from: str | None = None
+    # the tokenizer's piece of the failing token (fuzz.rootcause.token_piece): the report has no
+    # tokenizer, so the run spells it; None when it could not
+    piece: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in FINDING_STATUSES:
@@ -86,6 +90,13 @@ class Finding:
         return self.status == "saved"
 
     @property
+    def root_cause(self) -> RootCause:
+        """Its mechanism (fuzz.rootcause): the channel and the kind of position, no layer."""
+        cause = RootCause.of_verdict(self.verdict, self.signature.fingerprint, self.piece)
+        assert cause is not None  # __post_init__ refuses a finite verdict
+        return cause
+
+    @property
     def is_marginal(self) -> bool:
         return self.status == "marginal"
 
@@ -105,7 +116,10 @@ class Finding:
                 "case_path": self.case_path, "signature": list(self.signature),
                 "explained": self.explained, "how": self.how, "margin": self.margin,
                 "robustness": self.robustness, "positions": self.positions,
-                "minimization": self.minimization, "grew_from": self.grew_from}
+                "minimization": self.minimization, "grew_from": self.grew_from,
+                "piece": self.piece,
+                # derived (read back from the verdict and piece), written for other tools
+                "root_cause": self.root_cause.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
@@ -115,7 +129,7 @@ class Finding:
                    explained=d.get("explained"), how=d.get("how", "shrunk"),
                    margin=d.get("margin"), robustness=d.get("robustness"),
                    positions=d.get("positions"), minimization=d.get("minimization"),
-                   grew_from=d.get("grew_from"))
+                   grew_from=d.get("grew_from"), piece=d.get("piece"))
 
 
 MAX_MARGINAL_EXAMPLES = 10
@@ -254,10 +268,11 @@ class PolicySummary:
     def add_finding(self, verdict: Verdict, status: str, case_path: str | Path | None,
                     signature: Sequence[Any], how: str = "shrunk",
                     margin: dict[str, Any] | None = None,
-                    robustness: dict[str, Any] | None = None) -> Finding:
+                    robustness: dict[str, Any] | None = None,
+                    piece: str | None = None) -> Finding:
         finding = Finding(verdict, status, None if case_path is None else str(case_path),
                           Signature.from_list(signature), how=how, margin=margin,
-                          robustness=robustness)
+                          robustness=robustness, piece=piece)
         self.findings.append(finding)
         if verdict.add_bos not in self.bos_modes:
             self.bos_modes.append(verdict.add_bos)
