@@ -589,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="PATH",
                    help="write PATH/advise.md, .html, .json, .png (PATH a directory, created "
                         "if missing), or PATH.md etc. for a PATH ending in .md/.html/.json")
+    p.add_argument("--json", action="store_true",
+                   help="print the report's JSON document to stdout (progress, the plan's "
+                        "lines and 'wrote' lines go to stderr)")
     p.add_argument("--plan", action="store_true",
                    help="first find the fewest layers whose residual stream must run in "
                         "float32 for every corpus case, sampled prompt and --prompts prompt to "

@@ -37,6 +37,8 @@ def planted_plan(planted: Session):
 
 def test_the_plan_is_the_fewest_layers_that_keep_every_check_within_headroom(
         planted: Session, planted_plan) -> None:
+    # each trial plan is its own policy: its model is released after its evaluation
+    assert not [key for key in planted.model._engines if "fp32-layers" in key[0]]
     checks = prompt_checks(planted, ["7", "hello"], "seed 0")
     assert [c.spec.add_bos for c in checks] == [True, False, True, False]
     failures, _ = evaluate(planted, POLICIES["float16"], checks, 1.02)
@@ -127,3 +129,26 @@ def test_advise_plan_writes_the_plan_and_measures_it_beside_the_other_policies(
     assert "apply to --plan only" in capsys.readouterr().err
     assert main([*common, "--plan", "--min-headroom", "0.5"]) == 2
     assert "--min-headroom 0.5" in capsys.readouterr().err
+
+
+def test_advise_json_prints_one_document_with_the_contract_keys_and_the_plan(
+        tmp_path, monkeypatch, capsys) -> None:
+    from fuzz.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("7\n")
+    assert main(["advise", "--model", "tiny-planted", "--sample", "2", "--text-chunks", "2",
+                 "--text-tokens", "16", "--max-new-tokens", "3", "--json", "--plan",
+                 "--prompts", str(prompts)]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # stdout is the JSON document alone
+    assert "plan: residual stream in float32" in captured.err
+    assert doc["recommended"] and doc["plan"]["fp32_layers"] == [2, 3]
+    assert (tmp_path / "plan-tiny-planted.json").exists()  # the default --plan-out
+    for row in doc["policies"]:
+        assert {"finite_everywhere", "kld_mean", "kld_ci95", "top1_agreement",
+                "prompts_per_s"} <= set(row)
+        assert len(row["kld_ci95"]) == 2
+    f32 = next(r for r in doc["policies"] if r["policy"] == "float32")
+    assert f32["kld_mean"] == 0.0 and f32["top1_agreement"] == 1.0

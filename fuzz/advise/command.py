@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ from fuzz.advise.inputs import runnable_prompts
 from fuzz.advise.measure import advise
 from fuzz.advise.plan import (
     DEFAULT_MIN_HEADROOM,
+    Plan,
     corpus_checks,
     file_checks,
     find_plan,
@@ -21,7 +23,7 @@ from fuzz.advise.plan import (
     prompt_checks,
     write_plan,
 )
-from fuzz.advise.report import render_text, write
+from fuzz.advise.report import render_json, render_text, write
 from fuzz.advise.text import read_text_file, text_set
 from fuzz.corpus import Corpus
 from fuzz.precision import POLICIES
@@ -84,20 +86,24 @@ def main(args: Any, options: Any, bounds: Any) -> int:
         raise ValueError(f"--text-tokens {args.text_tokens}: over {session.model.name}'s "
                          f"{limit} positions; give at most {limit}")
     text = text_set(session.model.tokenizer, args.text_chunks, args.text_tokens, args.text)
+    # --json: stdout holds the JSON document only; everything else goes to stderr
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     policies = list(POLICIES.values())
-    planned = True
+    plan = None
     if args.plan:
-        planned, policy = _plan(args, session, corpus)
-        if policy is not None:
-            policies.append(policy)  # measured beside the whole-model policies
+        plan = _plan(args, session, corpus, say)
+        if plan.policy is not None:
+            policies.append(plan.policy)  # measured beside the whole-model policies
     result = advise(session, corpus, sample=args.sample, seed=args.seed, budget_s=args.budget,
                     max_kld=args.max_kld, text=text, corpus_label=corpus_label,
                     policies=policies, progress=_progress)
     result.command = command_line(args, session.bounds)
-    print(render_text(result), end="")
+    result.plan = plan.to_dict() if plan is not None else None
+    print(render_json(result) if args.json else render_text(result), end="")
     if args.report:
         for path in write(result, args.report):
-            print(f"wrote {path}")
+            say(f"wrote {path}")
+    planned = plan is None or plan.layers is not None
     return 0 if result.recommended and planned else 1
 
 
@@ -105,21 +111,21 @@ def _progress(line: str) -> None:
     print(f"advise: {line}", file=sys.stderr, flush=True)
 
 
-def _plan(args: Any, session: Session, corpus: Optional[Corpus]) -> tuple[bool, Any]:
+def _plan(args: Any, session: Session, corpus: Optional[Corpus],
+          say: Callable[[str], None]) -> Plan:
     """--plan: the checks (corpus cases, the sampled prompts advise measures, --prompts files),
-    the plan, its file. Returns (a plan was found, its policy or None when none is needed)."""
+    the plan and its file (none when no plan exists or none is needed)."""
     checks = (corpus_checks(session, corpus)
               + prompt_checks(session, runnable_prompts(session, args.sample, args.seed),
                               f"seed {args.seed}")
               + file_checks(session, args.prompts or []))
     plan = find_plan(session, checks, args.min_headroom or DEFAULT_MIN_HEADROOM, _progress)
     plan.command = command_line(args, session.bounds)
-    print(plan_text(plan), end="")
-    if plan.policy is None:
-        return plan.layers is not None, None
-    out = args.plan_out or f"plan-{session.model.name}.json"
-    print(f"wrote {write_plan(plan, out)} (use it as --policy plan:{out})")
-    return True, plan.policy
+    say(plan_text(plan).rstrip("\n"))
+    if plan.policy is not None:
+        out = args.plan_out or f"plan-{session.model.name}.json"
+        say(f"wrote {write_plan(plan, out)} (use it as --policy plan:{out})")
+    return plan
 
 
 def command_line(args: Any, bounds: Any) -> str:

@@ -181,6 +181,7 @@ def find_plan(session: Session, checks: Sequence[Check],
         order = ([*failed_before, *(c for c in checks if c not in failed_before)]
                  if pruning else list(checks))
         failures, least = evaluate(session, policy, order, min_headroom, stop_at_failure=pruning)
+        session.model.release(policy, session.device, session.engine_kind)  # one model at a time
         for f in failures:
             if f.check in failed_before:
                 failed_before.remove(f.check)

@@ -224,6 +224,11 @@ def report_paths(path: str | Path) -> tuple[Path, Path, Path, Path]:
                  for s in (".md", ".html", ".json", ".png"))
 
 
+def render_json(a: Advice) -> str:
+    """The report's JSON (strict: inf/nan as strings), what `--json` prints."""
+    return json.dumps(json_safe(a.to_dict()), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def write(a: Advice, path: str | Path) -> list[Path]:
     """The four files (see report_paths); returns their paths."""
     md_path, html_path, json_path, png_path = report_paths(path)
@@ -236,6 +241,5 @@ def write(a: Advice, path: str | Path) -> list[Path]:
     write_atomic(png_path, png)
     write_atomic(md_path, render_markdown(a, png_path.name).encode("utf-8"))
     write_atomic(html_path, render_html(a, png).encode("utf-8"))
-    doc = json.dumps(json_safe(a.to_dict()), indent=2, sort_keys=True, allow_nan=False)
-    write_atomic(json_path, (doc + "\n").encode("utf-8"))
+    write_atomic(json_path, render_json(a).encode("utf-8"))
     return [md_path, html_path, json_path, png_path]

@@ -76,9 +76,16 @@ class Advice:
     policies: list[PolicyAdvice]
     recommended: Optional[str]
     command: str = ""
+    plan: Optional[dict[str, Any]] = None  # `--plan`: the plan file's content (fuzz.advise.plan)
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything measured; per policy also the flat keys scripts rely on
+        (/work/shared/DESIGN.md: finite_everywhere, kld_mean, kld_ci95, top1_agreement,
+        prompts_per_s; `recommended` at the top)."""
         doc = asdict(self)
         for row, r in zip(doc["policies"], self.policies):
             row["finite_everywhere"] = r.finite_everywhere
+            row["kld_mean"] = r.divergence.mean_kld
+            row["kld_ci95"] = list(r.divergence.mean_kld_ci)
+            row["top1_agreement"] = r.divergence.top1
         return doc
