@@ -152,3 +152,26 @@ def test_advise_json_prints_one_document_with_the_contract_keys_and_the_plan(
         assert len(row["kld_ci95"]) == 2
     f32 = next(r for r in doc["policies"] if r["policy"] == "float32")
     assert f32["kld_mean"] == 0.0 and f32["top1_agreement"] == 1.0
+
+
+def test_check_and_screen_take_a_plan_file_as_their_policy(planted_plan, tmp_path,
+                                                            capsys) -> None:
+    from fuzz.cli import main
+
+    path = write_plan(planted_plan, tmp_path / "plan.json")
+    common = ["--model", "tiny-planted", "--max-new-tokens", "3"]
+    assert main(["check", *common, "--policy", "float16", "--prompt", "7"]) == 1
+    capsys.readouterr()
+    assert main(["check", *common, "--policy", f"plan:{path}", "--prompt", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finite"] is True
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("7\nhello\n")
+    out = tmp_path / "results.jsonl"
+    assert main(["screen", *common, "--quiet", "--prompts", str(prompts), "--policies",
+                 f"float16,plan:{path}", "--out", str(out)]) == 0  # the plan, safe, stayed finite
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_policy = {(r["policy"], r["prompt_index"]): r["finite"] for r in rows}
+    # the results file records the plan's canonical name, not the file's path
+    assert by_policy == {("float16", 0): False, ("float16", 1): True,
+                         ("float16-fp32-layers:2+3", 0): True,
+                         ("float16-fp32-layers:2+3", 1): True}
