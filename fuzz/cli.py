@@ -83,7 +83,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", help="SentencePiece .model of a checkpoint")
     g.add_argument("--engine", default="builtin", choices=("builtin", "upstream", "transformers"),
                    help="who computes: the built-in engine, installed google/gemma_pytorch, or "
-                        "transformers' own model classes (plain policies only)")
+                        "transformers' own model classes (every policy on Gemma 1/2/3)")
     g.add_argument("--attention", choices=("eager", "sdpa"), default=None,
                    help="transformers' attn_implementation for --engine transformers (default: "
                         "transformers' own choice, sdpa where the model class has it)")

@@ -1,5 +1,6 @@
-"""Mitigated policies on transformers' own Gemma classes (fuzz.engine.transformers.mitigate) and
-the library API fuzz.mitigate.apply.
+"""Mitigated policies on transformers' own Gemma classes (fuzz.engine.transformers.mitigate, through
+fuzz.engine.mitigate_layers) and the library API fuzz.mitigate.apply (gemma_pytorch's classes:
+tests/test_mitigate_upstream.py).
 
 The built-in engine (fuzz.engine.model) defines each mitigation; transformers' classes, with
 their forwards re-stated, must compute the same thing: the same dtype at every site, the same
@@ -7,7 +8,8 @@ values where the clamp does nothing, and on the tiny Gemma 1/2/3 models (the pla
 included) the same verdicts, tokens, first non-finite site and max |x| as the built-in engine.
 The real Gemma 3 270M (marker real_weights) must stay finite under every mitigation on the
 committed corpus, with the built-in engine's tokens, and a user's float16 transformers model
-must survive "The capital of France is" (with BOS) once fuzz.mitigate.apply has run.
+must survive "The capital of France is" (with BOS) once fuzz.mitigate.apply has run. The handle
+apply returns says what it changed.
 """
 from __future__ import annotations
 
@@ -310,12 +312,16 @@ def test_cli_runs_a_mitigation_on_the_transformers_engine(capsys):
 
 
 def test_replay_checks_the_mitigated_policies_on_the_transformers_engine(tmp_path):
+    replay_runs_the_mitigations(tmp_path, "transformers-eager")
+
+
+def replay_runs_the_mitigations(tmp_path: Path, engine: str) -> None:
     from fuzz.cli import main
     from fuzz.corpus.replay import replay_corpus
 
     assert main(["add", "--model", "tiny-planted", "--policy", "float16", "--prompt",
                  PLANTED_TRIGGER, "--corpus", str(tmp_path), "--max-new-tokens", "2"]) == 0
-    rows = replay_corpus(Corpus(tmp_path), device="cpu", engine="transformers-eager")
+    rows = replay_corpus(Corpus(tmp_path), device="cpu", engine=engine)
     checked = {r.policy: r for r in rows}
     assert set(MITIGATED) <= set(checked)
     for policy in MITIGATED:  # run, not skipped, and finite where float16 is not

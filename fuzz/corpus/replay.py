@@ -222,10 +222,6 @@ def replay_corpus(corpus: Corpus, model_filter: Optional[str] = None, device: st
     rows = []
     for check in planned_checks(corpus, model_filter):
         reason = skip_reason(check, override)
-        # upstream gemma_pytorch has no mitigations; the built-in and transformers engines
-        # (fuzz.engine.transformers.mitigate) run every policy.
-        if reason is None and engine == "upstream" and not POLICIES[check.policy].faithful:
-            reason = "mitigated policies run on the built-in and transformers engines only"
         if reason:
             rows.append(ReplayRow(check.label, check.policy, check.expected,
                                   f"skipped: {reason}", True, **_recorded(check)))

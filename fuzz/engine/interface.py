@@ -33,10 +33,11 @@ class Recorder(Protocol):
 class Numerics:
     """How the forward departs from upstream on purpose. The default departs in nothing.
 
-    Every engine that runs a mitigation applies these the same way (the built-in forward,
-    fuzz.engine.transformers.mitigate): the residual stream of layer i enters the layer cast to
-    `residual_dtype_at(i)`; post-norms output in that dtype, pre-norms in the model dtype (they
-    feed matmuls); `clamp_add` follows every residual add, `clamp_norm` every norm's output.
+    Every engine that runs a mitigation applies these the same way (the built-in forward;
+    transformers' and gemma_pytorch's layers through fuzz.engine.mitigate_layers): the residual
+    stream of layer i enters the layer cast to `residual_dtype_at(i)`; post-norms output in that
+    dtype, pre-norms in the model dtype (they feed matmuls); `clamp_add` follows every residual
+    add, `clamp_norm` every norm's output.
     """
 
     residual_dtype: Optional[torch.dtype] = None  # None: the model dtype, as upstream
@@ -157,7 +158,9 @@ class ForeignEngine:
     fuzz.engine.transformers) hold alike: our config (the layer count for the site table), the
     dtype and device they run in, and no departure from their own numerics."""
 
-    numerics = FAITHFUL  # another project's model departs from itself in nothing
+    # Another project's model departs from itself in nothing, unless the adapter runs a
+    # mitigated policy on it (fuzz.engine.mitigate_layers): then the adapter sets its own.
+    numerics = FAITHFUL
 
     def __init__(self, config: GemmaConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:

@@ -65,15 +65,10 @@ class LoadedModel:
         if kind == "builtin":
             return materialize(self.config, self.state, policy.dtype, policy.numerics, device)
         if kind == "upstream":
-            if not policy.faithful:
-                raise ValueError(
-                    f"policy {policy.name!r} is a mitigation that upstream gemma_pytorch does not "
-                    "have; run it with --engine builtin, or pick float32, bfloat16 or float16"
-                )
             from fuzz.engine.upstream.engine import UpstreamEngine
 
             return UpstreamEngine(self.config, self.state, policy.dtype, device,
-                                  self.tokenizer.serialized_model_proto())
+                                  self.tokenizer.serialized_model_proto(), policy.numerics)
         raise ValueError(f"unknown engine {kind!r}; valid engines are: {', '.join(ENGINES)}")
 
 

@@ -11,7 +11,8 @@
     print(m.report())
 
 `apply(model, policy)` changes the model in place and returns a handle that undoes it
-(`.remove()`, or leave its `with` block). `policy` is a policy name of fuzz.precision
+(`.remove()`, or leave its `with` block) and says what it changed (`.changes`, one line per
+kind of module; `str(handle)`, a paragraph). `policy` is a policy name of fuzz.precision
 (float16-clamp, float16-fp32-residual, float16-clip32752, float16-fp32-norm-residual, a plan
 `float16-fp32-layers:7+8` or `plan:FILE.json` from `fuzz advise --plan`) or a PrecisionPolicy.
 The model must already be in the policy's dtype (every mitigated policy is float16: convert it
@@ -20,6 +21,9 @@ with `model.to(torch.float16)`); its numerics are then the ones fuzz measured, o
 - a transformers GemmaForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM (or the language model
   of a Gemma 3 multimodal wrapper): forwards replaced by fuzz.engine.transformers.mitigate, the
   same code `--engine transformers` runs; module hooks (fuzz.monitor's) keep working;
+- google/gemma_pytorch's gemma.model.GemmaForCausalLM (Gemma 1/2/3): forwards replaced by
+  fuzz.engine.upstream.mitigate, the same code `--engine upstream` runs (both libraries share
+  the re-stated layers, fuzz.engine.mitigate_layers);
 - the built-in engine's fuzz.engine.model.GemmaForCausalLM: its `numerics` set.
 
 Gemma 3n and Gemma 4 have no mitigation here (their layers differ); a second `apply` before the
@@ -33,23 +37,29 @@ import torch
 from torch import nn
 
 from fuzz.engine.interface import FAITHFUL, Numerics
+from fuzz.engine.mitigate_layers import describe, summary
 from fuzz.engine.model import GemmaForCausalLM as BuiltinModel
+from fuzz.engine.upstream.mitigate import is_upstream_model
 from fuzz.precision import PrecisionPolicy, get_policy
 
 __all__ = ["BuiltinMitigation", "apply", "model_dtype"]
-_APPLIED = "_gemma_fuzz_mitigation"  # as fuzz.engine.transformers.mitigate marks its models
+_APPLIED = "_gemma_fuzz_mitigation"  # as fuzz.engine.mitigate_layers marks the others
 
 
 class BuiltinMitigation:
     """The built-in model's numerics while a policy is applied; `remove()` restores them."""
 
-    def __init__(self, model: BuiltinModel, numerics: Numerics) -> None:
+    def __init__(self, model: BuiltinModel, numerics: Numerics, label: str = "") -> None:
         if model.numerics != FAITHFUL or getattr(model, _APPLIED, None) is not None:
             raise RuntimeError(f"this built-in model already runs a policy (numerics "
                                f"{model.numerics}); remove() the handle that applied it, or "
                                "build the model faithful (fuzz.engine.model.materialize without "
                                "numerics), before applying another")
         self.model, self.numerics, self.active = model, numerics, True
+        self.label = label
+        # The built-in forward reads `numerics` itself: one change, whatever the policy.
+        self.changes = ([] if numerics == FAITHFUL else
+                        [f"numerics set to {describe(numerics, model.dtype)}"])
         model.numerics = numerics
         setattr(model, _APPLIED, self)
 
@@ -59,6 +69,13 @@ class BuiltinMitigation:
             self.model.numerics = FAITHFUL
             delattr(self.model, _APPLIED)
             self.active = False
+
+    def __str__(self) -> str:
+        return summary(self.label, self.numerics, self.active, "the built-in GemmaForCausalLM",
+                       self.changes)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self}>"
 
     def __enter__(self) -> BuiltinMitigation:
         return self
@@ -72,12 +89,15 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     first floating parameter's, which a multimodal wrapper's vision tower may hold)."""
     if isinstance(model, BuiltinModel):
         return model.dtype
+    if is_upstream_model(model):  # gemma_pytorch: its tied embedding is `embedder`
+        return model.embedder.weight.dtype
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embedding = get_embeddings() if callable(get_embeddings) else None
     if embedding is None or not hasattr(embedding, "weight"):
         raise TypeError(f"{type(model).__name__} is not a Gemma causal LM fuzz can mitigate "
-                        "(no input embedding); pass a transformers Gemma*ForCausalLM or the "
-                        "built-in engine's fuzz.engine.model.GemmaForCausalLM")
+                        "(no input embedding); pass a transformers Gemma*ForCausalLM, "
+                        "gemma_pytorch's gemma.model.GemmaForCausalLM or the built-in engine's "
+                        "fuzz.engine.model.GemmaForCausalLM")
     return embedding.weight.dtype
 
 
@@ -94,7 +114,11 @@ def apply(model: nn.Module, policy: Union[str, PrecisionPolicy]) -> Any:
                          f"in {chosen.dtype}: convert the model first, e.g. "
                          f"model.to({chosen.dtype}), then apply the policy")
     if isinstance(model, BuiltinModel):
-        return BuiltinMitigation(model, chosen.numerics)
+        return BuiltinMitigation(model, chosen.numerics, chosen.name)
+    if is_upstream_model(model):
+        from fuzz.engine.upstream.mitigate import apply_numerics as upstream_apply
+
+        return upstream_apply(model, chosen.numerics, chosen.dtype, chosen.name)
     from fuzz.engine.transformers.mitigate import apply_numerics
 
-    return apply_numerics(model, chosen.numerics, chosen.dtype)
+    return apply_numerics(model, chosen.numerics, chosen.dtype, chosen.name)

@@ -38,11 +38,6 @@ def screen_main(args: argparse.Namespace, session_options: Any, bounds: Bounds) 
     policies = parse_policies(args.policies)
     shard = parse_shard(args.shard) if args.shard else (1, 1)
     bos_modes = [True, False] if args.both_bos else [not args.no_bos]
-    mitigations = [p.name for p in policies if not p.faithful]
-    if session_options.engine == "upstream" and mitigations:
-        raise InputError(f"--engine upstream runs the plain policies only, not "
-                         f"{', '.join(mitigations)}: give --policies float32,bfloat16,float16 "
-                         "(or a subset), or --engine builtin or transformers")
     session = Session.open(session_options, bounds, args.batch_size or DEFAULT_BATCH_SIZE)
     session.min_margin = args.min_margin
     try:

@@ -97,7 +97,8 @@ class TransformersEngine(ForeignEngine):
         # applies them (fuzz.engine.transformers.mitigate); kept for the engine's life.
         self.numerics = policy.numerics
         self.mitigation = (None if policy.faithful
-                           else apply_numerics(self.model, policy.numerics, policy.dtype))
+                           else apply_numerics(self.model, policy.numerics, policy.dtype,
+                                               policy.name))
         self.attention: str = self.model.config._attn_implementation
 
     def new_cache(self, batch: int, max_len: int) -> TransformersCache:

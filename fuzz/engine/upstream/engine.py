@@ -22,8 +22,9 @@ rec=None, last_only=True)` (also as a call), `new_cache(batch, max_len)`, `.dtyp
 - Logits: `temperatures=None` makes upstream's sampler return argmax and its logits. With
   last_only the sampler reads the last position (output_positions=[T-1], as generate() does);
   otherwise output_positions=arange(T) makes the same sampler code return logits at every position.
-- Only plain precision policies can run here (a torch dtype, nothing else): upstream has no
-  mitigations; the caller rejects mitigated policies.
+- Mitigated policies: upstream has no mitigations, so the engine applies a policy's Numerics to
+  the built model with fuzz.engine.upstream.mitigate (its layer and norm forwards re-stated with
+  the built-in engine's casts and clamps, fuzz.engine.mitigate_layers), kept for its life.
 - RoPE scaling: upstream's text GemmaForCausalLM ignores `rope_scaling_factor`, but the model its
   Gemma 3 4b/12b/27b run through (Gemma3ForMultimodalLM) divides the global layers' frequencies
   by it. With a factor, the text model's `global_freqs_cis` is replaced by the very table the
@@ -47,8 +48,17 @@ import torch
 from torch import nn
 
 from fuzz.engine.config import AttentionType, GemmaConfig
-from fuzz.engine.interface import MASK_VALUE, Batch, ForeignEngine, KVCache, Recorder
+from fuzz.engine.interface import (
+    FAITHFUL,
+    MASK_VALUE,
+    Batch,
+    ForeignEngine,
+    KVCache,
+    Numerics,
+    Recorder,
+)
 from fuzz.engine.upstream.hooks import HookProbe
+from fuzz.engine.upstream.mitigate import apply_numerics
 
 INSTALL_HINT = ("install google/gemma_pytorch from its repository "
                 "(pip install git+https://github.com/google/gemma_pytorch)")
@@ -178,17 +188,16 @@ def shared_positions(batch: Batch, max_len: int) -> torch.Tensor:
 
 # --- the engine --------------------------------------------------------------------------------
 class UpstreamEngine(ForeignEngine):
-    """google/gemma_pytorch's GemmaForCausalLM behind the built-in model's interface.
-
-    Plain precision policies only: the engine is given a torch dtype and nothing else, since
-    upstream has no mitigations (the caller rejects mitigated policies).
+    """google/gemma_pytorch's GemmaForCausalLM behind the built-in model's interface, run in
+    `dtype` under `numerics` (a mitigated policy's, applied by fuzz.engine.upstream.mitigate).
     """
 
     supports_padding = False
 
     def __init__(self, config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str,
-                 tokenizer: str | os.PathLike[str] | bytes | Any) -> None:
+                 tokenizer: str | os.PathLike[str] | bytes | Any,
+                 numerics: Numerics = FAITHFUL) -> None:
         """state: float32 tensors under upstream's parameter names. tokenizer: a SentencePiece
         .model path, its bytes, or an object with `serialized_model_proto() -> bytes`."""
         up_config_mod, up_model_mod = _import_upstream()
@@ -198,6 +207,11 @@ class UpstreamEngine(ForeignEngine):
             self.upstream_model = _build(up_model_mod, up_config, state, dtype, self._device,
                                          config)
         self.upstream_config = up_config
+        # A mitigated policy's numerics (upstream has none of its own), kept for the engine's
+        # life and named by `numerics`, as the built-in model and the transformers engine do.
+        self.numerics = numerics
+        self.mitigation = (None if numerics == FAITHFUL
+                           else apply_numerics(self.upstream_model, numerics, dtype))
         # The last (max_len, masks) built: 2 * max_len**2 float32s, so only one is kept.
         self._masks: tuple[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
