@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -149,6 +150,45 @@ def begin(model: nn.Module, numerics: Numerics, label: str = "") -> Mitigation:
 
 def mark(model: nn.Module, mitigation: Mitigation) -> None:
     setattr(model, _APPLIED, mitigation)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a library's adapter finds in a model it supports: the decoder layers and their
+    families, the final norm, the model dtype, how to call a layer's attention, and the module
+    whose forward `float32_logits` replaces (with what, and how the handle says so)."""
+
+    layers: Sequence[nn.Module]
+    families: Sequence[str]
+    final_norm: nn.Module
+    dtype: torch.dtype
+    attend: Attend
+    head: nn.Module
+    float32_head: Callable[..., Any]
+    head_change: str
+
+
+def apply_parts(model: nn.Module, numerics: Numerics, parts_of: Callable[[], Parts],
+                dtype: Optional[torch.dtype] = None, label: str = "") -> Mitigation:
+    """Applies `numerics` in place with the parts the adapter's `parts_of()` finds (it raises
+    UnsupportedModel for a model it does not know; faithful numerics never ask it); returns the
+    Mitigation that undoes it and says what it changed."""
+    mitigation = begin(model, numerics, label)
+    if numerics == FAITHFUL:  # the model's own numerics: nothing to change, on any class
+        mark(model, mitigation)
+        return mitigation
+    parts = parts_of()
+    mark(model, mitigation)
+    try:
+        restate(mitigation, parts.layers, parts.families, parts.final_norm,
+                dtype or parts.dtype, parts.attend)
+        if numerics.float32_logits:
+            mitigation.replace_forward(parts.head, parts.float32_head)
+            mitigation.changes.append(parts.head_change)
+    except BaseException:
+        mitigation.remove()
+        raise
+    return mitigation
 
 
 def norm_names(layer: nn.Module) -> list[str]:

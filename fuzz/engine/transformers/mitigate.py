@@ -23,17 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuzz.engine import kernels
-from fuzz.engine.interface import FAITHFUL, Numerics
+from fuzz.engine.interface import Numerics
 from fuzz.engine.mitigate_layers import (
     GEMMA1,
     SANDWICH,
     Mitigation,
+    Parts,
     UnsupportedModel,
-    begin,
-    mark,
+    apply_parts,
     norm_names,
     refuse_replaced,
-    restate,
 )
 from fuzz.engine.transformers.hooks import text_parts
 
@@ -91,22 +90,14 @@ def apply_numerics(model: nn.Module, numerics: Numerics, dtype: Optional[torch.d
     """Applies `numerics` to a transformers Gemma causal LM in place (module docstring); returns
     the Mitigation that undoes it and says what it changed. `dtype`: the model dtype (default:
     the embedding's); `label`: the policy's name, for the handle's description."""
-    mitigation = begin(model, numerics, label)
-    if numerics == FAITHFUL:  # the model's own numerics: nothing to change, on any class
-        mark(model, mitigation)
-        return mitigation
+    return apply_parts(model, numerics, lambda: _parts(model), dtype, label)
+
+
+def _parts(model: nn.Module) -> Parts:
     text, head, families = check_supported(model)
-    mark(model, mitigation)
-    dtype = dtype or text.embed_tokens.weight.dtype
-    try:
-        restate(mitigation, text.layers, families, text.norm, dtype, _attend)
-        if numerics.float32_logits:
-            mitigation.replace_forward(head.lm_head, _float32_head)
-            mitigation.changes.append("lm_head: float32 logits (its weight read as float32)")
-    except BaseException:
-        mitigation.remove()
-        raise
-    return mitigation
+    return Parts(text.layers, families, text.norm, text.embed_tokens.weight.dtype, _attend,
+                 head.lm_head, _float32_head,
+                 "lm_head: float32 logits (its weight read as float32)")
 
 
 def _attend(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -25,17 +25,16 @@ import torch
 from torch import nn
 
 from fuzz.engine import kernels
-from fuzz.engine.interface import FAITHFUL, Numerics
+from fuzz.engine.interface import Numerics
 from fuzz.engine.mitigate_layers import (
     GEMMA1,
     SANDWICH,
     Mitigation,
+    Parts,
     UnsupportedModel,
-    begin,
-    mark,
+    apply_parts,
     norm_names,
     refuse_replaced,
-    restate,
 )
 
 __all__ = ["apply_numerics", "check_supported", "is_upstream_model"]
@@ -89,22 +88,14 @@ def apply_numerics(model: nn.Module, numerics: Numerics, dtype: Optional[torch.d
     """Applies `numerics` to gemma_pytorch's GemmaForCausalLM in place (module docstring);
     returns the Mitigation that undoes it and says what it changed. `dtype`: the model dtype
     (default: the embedder's); `label`: the policy's name, for the handle's description."""
-    mitigation = begin(model, numerics, label)
-    if numerics == FAITHFUL:  # the model's own numerics: nothing to change
-        mark(model, mitigation)
-        return mitigation
+    return apply_parts(model, numerics, lambda: _parts(model), dtype, label)
+
+
+def _parts(model: nn.Module) -> Parts:
     families = check_supported(model)
-    mark(model, mitigation)
-    dtype = dtype or model.embedder.weight.dtype
-    try:
-        restate(mitigation, model.model.layers, families, model.model.norm, dtype, _attend)
-        if numerics.float32_logits:
-            mitigation.replace_forward(model.sampler, _float32_sampler)
-            mitigation.changes.append("sampler: float32 logits (the embedding read as float32)")
-    except BaseException:
-        mitigation.remove()
-        raise
-    return mitigation
+    return Parts(model.model.layers, families, model.model.norm, model.embedder.weight.dtype,
+                 _attend, model.sampler, _float32_sampler,
+                 "sampler: float32 logits (the embedding read as float32)")
 
 
 def _attend(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
