@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fuzz.advise.stats import Divergence, SequenceStats, compare_logits, summarize
+from fuzz.advise.stats import (
+    Divergence,
+    Reference,
+    SequenceStats,
+    compare_logits,
+    summarize,
+)
 from fuzz.engine.interface import prompt_batch
 from fuzz.precision import PrecisionPolicy
 from fuzz.session import Session
@@ -59,11 +65,11 @@ def teacher_forced(session: Session, policies: Sequence[PrecisionPolicy], refere
         if len(seq.ids) < 2:
             raise ValueError(f"a teacher-forced sequence needs 2 tokens, got {len(seq.ids)} "
                              f"({seq.source})")
-        targets = torch.tensor(seq.ids[1:])
         ref = logits(session, by_name[reference], seq.ids)[:-1]
+        prepared = Reference(ref, torch.tensor(seq.ids[1:]))  # once, for every policy
         for p in policies:
             got = ref if p.name == reference else logits(session, p, seq.ids)[:-1]
-            per[p.name].append(compare_logits(ref, got, targets))
+            per[p.name].append(compare_logits(prepared, got))
             del got
         progress(f"teacher-forced: {k + 1}/{len(sequences)} sequences under every policy "
                  f"({seq.source}, {len(seq.ids)} tokens)")

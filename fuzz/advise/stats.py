@@ -41,30 +41,57 @@ class SequenceStats:
     reference_nonfinite: int = 0  # positions whose float32 logits do (left out for every policy)
 
 
-def compare_logits(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor
-                   ) -> SequenceStats:
-    """ref, got: [T, vocab] logits of one sequence; targets: [T] the token that follows each
-    position. Computed in float64 (a KLD of 1e-6 is a sum of 262144 tiny terms), ROWS_AT_ONCE
-    rows at a time."""
+@dataclass
+class _ReferenceRows:
+    """float32's side of ROWS_AT_ONCE positions, in float64: which rows are finite, and for
+    those their log-probabilities, probabilities, argmax and the target's log-probability."""
+
+    ok: torch.Tensor  # [rows] bool
+    logp: torch.Tensor  # [kept, vocab]
+    p: torch.Tensor
+    top1: torch.Tensor
+    target_logp: torch.Tensor  # [kept]
+    targets: torch.Tensor  # [kept, 1]
+
+
+class Reference:
+    """The reference's logits of one sequence, prepared once and compared with every policy
+    (its float64 log-softmax over Gemma 3's vocabulary is the costliest step of a comparison)."""
+
+    def __init__(self, ref: torch.Tensor, targets: torch.Tensor) -> None:
+        self.rows: list[_ReferenceRows] = []
+        for start in range(0, ref.shape[0], ROWS_AT_ONCE):
+            r = ref[start:start + ROWS_AT_ONCE].double()
+            t = targets[start:start + ROWS_AT_ONCE].long().unsqueeze(1)
+            ok = torch.isfinite(r).all(-1)
+            logp = torch.log_softmax(r[ok], -1)
+            self.rows.append(_ReferenceRows(ok, logp, logp.exp(), r[ok].argmax(-1),
+                                            logp.gather(1, t[ok]).squeeze(1), t[ok]))
+
+
+def compare_logits(ref: torch.Tensor | Reference, got: torch.Tensor,
+                   targets: torch.Tensor | None = None) -> SequenceStats:
+    """ref (or its prepared Reference), got: [T, vocab] logits of one sequence; targets: [T] the
+    token that follows each position (given with raw ref logits). Computed in float64 (a KLD of
+    1e-6 is a sum of 262144 tiny terms), ROWS_AT_ONCE rows at a time."""
+    reference = ref if isinstance(ref, Reference) else Reference(ref, targets)
     parts: dict[str, list[np.ndarray]] = {"kld": [], "same": [], "dnll": [], "dp": []}
     nonfinite = ref_nonfinite = 0
-    for start in range(0, ref.shape[0], ROWS_AT_ONCE):
-        r = ref[start:start + ROWS_AT_ONCE].double()
-        g = got[start:start + ROWS_AT_ONCE].double()
-        t = targets[start:start + ROWS_AT_ONCE].long().unsqueeze(1)
-        ref_ok, got_ok = torch.isfinite(r).all(-1), torch.isfinite(g).all(-1)
-        ref_nonfinite += int((~ref_ok).sum())
-        nonfinite += int((ref_ok & ~got_ok).sum())
-        keep = ref_ok & got_ok
+    for k, rows in enumerate(reference.rows):
+        g = got[k * ROWS_AT_ONCE:(k + 1) * ROWS_AT_ONCE].double()
+        got_ok = torch.isfinite(g).all(-1)
+        ref_nonfinite += int((~rows.ok).sum())
+        nonfinite += int((rows.ok & ~got_ok).sum())
+        keep = got_ok[rows.ok]  # among the reference's finite rows
         if not keep.any():
             continue
-        r, g, t = r[keep], g[keep], t[keep]
-        ref_lp, got_lp = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
-        # exp(ref_lp) is 0 where float32 gives no mass: the term is 0, never 0 * inf
-        kld = (ref_lp.exp() * (ref_lp - got_lp)).sum(-1).clamp_min(0.0)  # >= 0: rounding
-        ref_t, got_t = ref_lp.gather(1, t).squeeze(1), got_lp.gather(1, t).squeeze(1)
+        got_lp = torch.log_softmax(g[rows.ok][keep], -1)
+        # the reference's probability is 0 where float32 gives no mass: the term is 0, never
+        # 0 * inf
+        kld = (rows.p[keep] * (rows.logp[keep] - got_lp)).sum(-1).clamp_min(0.0)  # >= 0
+        ref_t, got_t = rows.target_logp[keep], got_lp.gather(1, rows.targets[keep]).squeeze(1)
         parts["kld"].append(kld.numpy())
-        parts["same"].append((r.argmax(-1) == g.argmax(-1)).numpy())
+        parts["same"].append((rows.top1[keep] == got_lp.argmax(-1)).numpy())
         parts["dnll"].append((ref_t - got_t).numpy())
         parts["dp"].append((got_t.exp() - ref_t.exp()).numpy())
 

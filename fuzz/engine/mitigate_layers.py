@@ -77,9 +77,11 @@ class Mitigation:
     as a context manager. A deepcopy of the model runs mitigated too, on its own modules; this
     handle undoes the original only."""
 
-    def __init__(self, model: nn.Module, numerics: Numerics, label: str = "") -> None:
+    def __init__(self, model: nn.Module, numerics: Numerics, label: str = "",
+                 described_as: str = "") -> None:
         self.model, self.numerics = model, numerics
         self.label = label  # the policy's name where the caller knows it
+        self.described_as = described_as or type(model).__name__  # what str() calls the model
         self.changes: list[str] = []  # one line per kind of module changed, in order
         self._undo: list[Callable[[], None]] = []
         self.active = True
@@ -101,6 +103,9 @@ class Mitigation:
     def add_handle(self, handle: Any) -> None:
         self._undo.append(handle.remove)
 
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
     def remove(self) -> None:
         """Restores every forward and removes the pre-hooks; a second call does nothing."""
         if not self.active:
@@ -113,8 +118,7 @@ class Mitigation:
         self.active = False
 
     def __str__(self) -> str:
-        return summary(self.label, self.numerics, self.active, type(self.model).__name__,
-                       self.changes)
+        return summary(self.label, self.numerics, self.active, self.described_as, self.changes)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self}>"
@@ -137,7 +141,8 @@ def summary(label: str, numerics: Numerics, active: bool, model: str,
     return f"{name} ({describe(numerics)}) {state} {model}. {changed}: {'; '.join(changes)}."
 
 
-def begin(model: nn.Module, numerics: Numerics, label: str = "") -> Mitigation:
+def begin(model: nn.Module, numerics: Numerics, label: str = "",
+          described_as: str = "") -> Mitigation:
     """A new Mitigation for `model`, refused while another one is applied to it."""
     existing = getattr(model, _APPLIED, None)
     if existing is not None:
@@ -145,7 +150,7 @@ def begin(model: nn.Module, numerics: Numerics, label: str = "") -> Mitigation:
         raise RuntimeError(f"{type(model).__name__} already runs a mitigation ({what}); call "
                            ".remove() on the handle the first apply returned before applying "
                            "another")
-    return Mitigation(model, numerics, label)
+    return Mitigation(model, numerics, label, described_as)
 
 
 def mark(model: nn.Module, mitigation: Mitigation) -> None:

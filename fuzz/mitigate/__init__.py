@@ -31,57 +31,34 @@ first is removed is refused.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Union
 
 import torch
 from torch import nn
 
 from fuzz.engine.interface import FAITHFUL, Numerics
-from fuzz.engine.mitigate_layers import describe, summary
+from fuzz.engine.mitigate_layers import Mitigation, begin, describe, mark
 from fuzz.engine.model import GemmaForCausalLM as BuiltinModel
 from fuzz.engine.upstream.mitigate import is_upstream_model
 from fuzz.precision import PrecisionPolicy, get_policy
 
-__all__ = ["BuiltinMitigation", "apply", "model_dtype"]
-_APPLIED = "_gemma_fuzz_mitigation"  # as fuzz.engine.mitigate_layers marks the others
+__all__ = ["Mitigation", "apply", "model_dtype"]
 
 
-class BuiltinMitigation:
-    """The built-in model's numerics while a policy is applied; `remove()` restores them."""
-
-    def __init__(self, model: BuiltinModel, numerics: Numerics, label: str = "") -> None:
-        if model.numerics != FAITHFUL or getattr(model, _APPLIED, None) is not None:
-            raise RuntimeError(f"this built-in model already runs a policy (numerics "
-                               f"{model.numerics}); remove() the handle that applied it, or "
-                               "build the model faithful (fuzz.engine.model.materialize without "
-                               "numerics), before applying another")
-        self.model, self.numerics, self.active = model, numerics, True
-        self.label = label
-        # The built-in forward reads `numerics` itself: one change, whatever the policy.
-        self.changes = ([] if numerics == FAITHFUL else
-                        [f"numerics set to {describe(numerics, model.dtype)}"])
+def _apply_builtin(model: BuiltinModel, numerics: Numerics, label: str) -> Mitigation:
+    """The built-in forward reads `model.numerics` itself: one change, undone on remove()."""
+    if model.numerics != FAITHFUL:  # built with a policy's numerics, or applied already
+        raise RuntimeError(f"this built-in model already runs a policy (numerics "
+                           f"{model.numerics}); remove() the handle that applied it, or "
+                           "build the model faithful (fuzz.engine.model.materialize without "
+                           "numerics), before applying another")
+    mitigation = begin(model, numerics, label, "the built-in GemmaForCausalLM")
+    if numerics != FAITHFUL:
         model.numerics = numerics
-        setattr(model, _APPLIED, self)
-
-    def remove(self) -> None:
-        """Restores the faithful numerics; a second call does nothing."""
-        if self.active:
-            self.model.numerics = FAITHFUL
-            delattr(self.model, _APPLIED)
-            self.active = False
-
-    def __str__(self) -> str:
-        return summary(self.label, self.numerics, self.active, "the built-in GemmaForCausalLM",
-                       self.changes)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self}>"
-
-    def __enter__(self) -> BuiltinMitigation:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
+        mitigation.on_remove(lambda: setattr(model, "numerics", FAITHFUL))
+        mitigation.changes.append(f"numerics set to {describe(numerics, model.dtype)}")
+    mark(model, mitigation)
+    return mitigation
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -101,7 +78,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return embedding.weight.dtype
 
 
-def apply(model: nn.Module, policy: Union[str, PrecisionPolicy]) -> Any:
+def apply(model: nn.Module, policy: Union[str, PrecisionPolicy]) -> Mitigation:
     """Runs `model` under `policy` from now on (module docstring); returns the handle that undoes
     it (`.remove()`, or a context manager)."""
     chosen = get_policy(policy) if isinstance(policy, str) else policy
@@ -114,7 +91,7 @@ def apply(model: nn.Module, policy: Union[str, PrecisionPolicy]) -> Any:
                          f"in {chosen.dtype}: convert the model first, e.g. "
                          f"model.to({chosen.dtype}), then apply the policy")
     if isinstance(model, BuiltinModel):
-        return BuiltinMitigation(model, chosen.numerics, chosen.name)
+        return _apply_builtin(model, chosen.numerics, chosen.name)
     if is_upstream_model(model):
         from fuzz.engine.upstream.mitigate import apply_numerics as upstream_apply
 
