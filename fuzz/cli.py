@@ -1,15 +1,17 @@
 """`python -m fuzz …` (also `gemma-fuzz`): find the prompts that make Gemma produce NaN/Inf.
 
-Commands: run (the fuzz job), check (one prompt), screen (your own prompt files), add (save a
-prompt as a case), minimize (finish cases whose minimizing was cut), replay (the corpus as
-regression tests), compare (engines side by side), advise (which policy to ship). Contracts:
-docs/DESIGN.md.
+Commands: run (the fuzz job), check (one prompt), screen (your own prompt files), sweep (every
+vocabulary token after one prefix), add (save a prompt as a case), minimize (finish cases whose
+minimizing was cut), replay (the corpus as regression tests), compare (engines side by side),
+advise (which policy to ship). Contracts: docs/DESIGN.md.
 
 Exit codes:
   run      0 ran to its budget, 1 a policy declared safe went non-finite (or, with
            --fail-on-new, a new case was saved), 130 interrupted
   check    0 finite, 1 non-finite, 3 inconclusive (the time limit stopped the run)
   screen   0 every policy declared safe stayed finite, 1 one did not (--fail-on-nonfinite: any)
+  sweep    0 no token went non-finite under a policy declared safe, 1 one did
+           (--fail-on-nonfinite: under any policy)
   add      0 saved (or already covered), 1 refused (finite, inconclusive, or marginal)
   minimize 0 done (or the budget ended), 1 a case no longer fails or its model is not the case's
   replay   0 every check passed, 1 a regression or a case that no longer reproduces
@@ -357,6 +359,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return job.main()
 
 
+# --- sweep -------------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fuzz.screen.command import SAVE_TIME_S
+    from fuzz.sweep.command import sweep_main
+
+    if args.save_time is not None and not args.save:
+        raise InputError("--save-time applies to --save: add --save or drop --save-time")
+    if args.save_time is None:
+        args.save_time = SAVE_TIME_S
+    return sweep_main(args, _options(args))
+
+
 # --- screen ------------------------------------------------------------------------------------
 def cmd_screen(args: argparse.Namespace) -> int:
     from fuzz.screen.command import SAVE_TIME_S, screen_main
@@ -502,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and keeps editing; a finding says which seed it grew from. Default: "
                         "every .jsonl of <corpus>/seeds/ (the prompts that broke Gemma in public); "
                         "'none' for no seeds")
+    p.add_argument("--extend", action=argparse.BooleanOptionalAction, default=False,
+                   help="after each round, run a slice of the vocabulary as the next token of "
+                        "the mode's nearest miss, one decode step each (fuzz.search.extensions; "
+                        "built-in engine only)")
     p.add_argument("--gradient", action=argparse.BooleanOptionalAction, default=False,
                    help="add gradient-guided token swaps of the nearest misses to each round "
                         "(fuzz.search.proposals; built-in engine only)")
@@ -553,6 +571,51 @@ def build_parser() -> argparse.ArgumentParser:
     _margin_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser(
+        "sweep", help="every vocabulary token as the next token after one prefix",
+        description="Every vocabulary token (or --tokens START:END) as the next token after the "
+                    "prefix (default: empty, no BOS: every possible first token), the prefix run "
+                    "once, the tokens in batches of --batch-size, one decode step each without "
+                    "the LM head (built-in engine); per token the least headroom (overall, per "
+                    "layer, where) and the first non-finite value. One JSON line per token in "
+                    "--out, written as it goes and resumable with the same command; --shard K/N "
+                    "as screen's. On a CPU, float16 screens with float32-accumulated products "
+                    "and re-runs non-finite tokens and near misses natively. Exit 0 no token "
+                    "went non-finite under a policy declared safe, 1 one did (--fail-on-"
+                    "nonfinite: any policy), 2 bad input.")
+    _model_args(p)
+    p.add_argument("--policy", default="float16",
+                   help=f"one policy (default float16): {', '.join(POLICIES)}, or plan:FILE.json")
+    after = p.add_mutually_exclusive_group()
+    after.add_argument("--after", metavar="TEXT", help="the prefix as text (encoded without BOS)")
+    after.add_argument("--after-ids", metavar="IDS",
+                       help="the prefix as token ids, comma-separated (e.g. a nearest miss's)")
+    p.add_argument("--bos", action="store_true", help="BOS first, before the prefix")
+    p.add_argument("--tokens", metavar="START:END",
+                   help="only these token ids (END exclusive; default: the whole vocabulary)")
+    p.add_argument("--out", help="the results file (JSONL): one line per token, written as it "
+                                 "goes; the same command again resumes it")
+    p.add_argument("--shard", help="K/N: this machine sweeps the batches whose number is K-1 "
+                                   "modulo N (the same --batch-size everywhere)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tokens per forward (default 256)")
+    p.add_argument("--kernel", default=None,
+                   help="the matmul kernel that screens (native, fp32-accumulate, fp32-accumulate-"
+                        "wide; default: fp32-accumulate-wide for float16 on a CPU, else native)")
+    p.add_argument("--save", action="store_true",
+                   help="save each new signature's token with the largest margin to --corpus, "
+                        "minimized and measured under every kernel variation, as `run` does")
+    p.add_argument("--save-time", type=parse_duration, default=None,
+                   help="with --save: how long one finding's minimizing may take (default 2m)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="the corpus whose signatures are known (and --save's target)")
+    p.add_argument("--report", help="also write PATH.md, PATH.json and PATH.png (the picture)")
+    p.add_argument("--fail-on-nonfinite", action="store_true",
+                   help="exit 1 when any token went non-finite, whatever the policy")
+    _margin_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "advise", help="measure every policy here and recommend one",

@@ -38,6 +38,7 @@ from fuzz.report import PolicySummary, RunSummary
 from fuzz.report.progress import Progress, print_summary
 from fuzz.rootcause import token_piece
 from fuzz.search.database import open_database
+from fuzz.search.extensions import ExtensionArm
 from fuzz.search.misses import MissPool
 from fuzz.search.proposals import Proposer
 from fuzz.search.round import BudgetExhausted, NewSignature, Search, round_strategy
@@ -69,6 +70,8 @@ class FuzzJob:
     fail_on_new: bool = False
     long: bool = False  # the long-generation profile (fuzz.long): long prompts, 128 steps
     gradient: bool = False  # a third arm per round: gradient-guided swaps (fuzz.search.proposals)
+    # after each round, the nearest miss's one-token extensions (fuzz.search.extensions)
+    extend: bool = False
     summaries: dict[str, PolicySummary] = field(default_factory=dict)  # per policy, in order
     known: set[Signature] = field(default_factory=set)
     marginal_tries: dict[Signature, int] = field(default_factory=dict)
@@ -83,6 +86,7 @@ class FuzzJob:
     schedule: Optional[Schedule] = None
     progress: Optional[Progress] = None
     _proposers: dict[str, Proposer] = field(default_factory=dict)
+    _extender: Optional[ExtensionArm] = None
     _misses: dict[str, MissPool] = field(default_factory=dict)  # per mode, across its rounds
     resumed: list[str] = field(default_factory=list)  # cases minimized on first (their outcome)
     # The user's seed prompts (--seed-prompts: fuzz.prompts.files), as texts, and each one's
@@ -100,6 +104,9 @@ class FuzzJob:
         batch_size = profile_batch_size(long, args.batch_size)
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        if getattr(args, "extend", False) and options.engine != "builtin":
+            raise ValueError(f"--extend runs the built-in engine only (one decode step without "
+                             f"the LM head); drop --engine {options.engine} or --extend")
         session = Session.open(options, bounds, batch_size)
         session.min_margin = args.min_margin
         policies = parse_policies(args.policies)
@@ -110,7 +117,7 @@ class FuzzJob:
                   corpus, args.database or None,
                   args.seed if args.seed is not None else int(time.time()) % 2**31,
                   args.round_examples, args.report, args.quiet, args.fail_on_new, long,
-                  bool(getattr(args, "gradient", False)))
+                  bool(getattr(args, "gradient", False)), bool(getattr(args, "extend", False)))
         seeds = seed_files(getattr(args, "seed_prompts", None), corpus)
         if seeds:
             from fuzz.prompts.files import read_prompts
@@ -252,6 +259,22 @@ class FuzzJob:
                     if rest.screened.signature not in self.known:
                         self._save(rest, "interrupted")
                 raise
+        if self.extend and time.monotonic() < self.schedule.round_deadline(mode, now):
+            self._extend(mode)
+
+    def _extend(self, mode: Mode) -> None:
+        """The extension arm (fuzz.search.extensions) on the mode's nearest miss: a failing
+        extension with a new signature is a finding, the closest finite one a nearest miss."""
+        misses = self._misses[mode.name].verdicts()
+        if not misses:
+            return
+        if self._extender is None:
+            self._extender = ExtensionArm(self.session, self.seed)
+        for spec, screened in self._extender.round(misses[0], mode.policy, self.known):
+            if screened.new:
+                self._save(NewSignature(screened, spec), "extended")
+            elif screened.verdict.finite:
+                self._misses[mode.name].offer(screened.verdict)
 
     def _proposer(self, mode: Mode) -> Proposer:
         """One per mode: its proposals are prompts of that BOS mode."""

@@ -299,10 +299,13 @@ class GemmaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: Batch, cache: KVCache, rec: Optional[Recorder] = None,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool = True, head: bool = True) -> torch.Tensor:
         """Runs the new tokens through the model, writing the cache; returns logits.
 
-        With last_only, logits only for the last new token of each row: [B, vocab].
+        With last_only, logits only for the last new token of each row: [B, vocab]. Without
+        head, the final norm's output instead ([B, T or 1, hidden]): `fuzz sweep` asks whether
+        a token overflows, not what comes next, and the tied 262144-row head would cost it as
+        much as the 18 layers of Gemma 3 270M together.
         """
         cfg, dtype, num = self.config, self.dtype, self.numerics
         h = F.embedding(batch.token_ids, self.embedder.weight)
@@ -330,6 +333,8 @@ class GemmaForCausalLM(nn.Module):
         h = self.model.norm(h, head_dtype)
         if rec:
             rec.site(cfg.num_hidden_layers, "final_norm", h)
+        if not head:
+            return h
         # Tied head: h @ E^T, as upstream's matmul(h, E.t()): F.linear computes the same products.
         # Measured on this CPU (benchmarks/bench_throughput.py): float16 matmuls whose right
         # operand is a contiguous [K, N] matrix fall to a kernel ~80x slower (11.3 s vs 0.14 s

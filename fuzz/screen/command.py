@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,12 @@ def exit_code(summaries: list[PolicyScreen], any_policy: bool) -> int:
 
 def save_new(session: Session, corpus: Corpus, rows: list[dict[str, Any]],
              policies: list[PrecisionPolicy], known: set[Signature],
-             save_time_s: float = SAVE_TIME_S) -> list[str]:
-    """Each new signature's shortest prompt, minimized, measured under every kernel variation and
-    saved when it holds everywhere, as `fuzz run` saves its findings."""
+             save_time_s: float = SAVE_TIME_S,
+             prefer: Callable[[dict[str, Any]], Any] = lambda row: len(row["prompt"])
+             ) -> list[str]:
+    """Each new signature's preferred prompt (the shortest, unless `prefer` ranks otherwise:
+    lower first), minimized, measured under every kernel variation and saved when it holds
+    everywhere, as `fuzz run` saves its findings."""
     shortest: dict[Signature, dict[str, Any]] = {}
     safe = {p.name for p in policies if p.expected_safe}
     for row in rows:
@@ -101,7 +105,7 @@ def save_new(session: Session, corpus: Corpus, rows: list[dict[str, Any]],
         if sig in known or sig.fingerprint != session.model.fingerprint:
             continue
         best = shortest.get(sig)
-        if best is None or len(row["prompt"]) < len(best["prompt"]):
+        if best is None or prefer(row) < prefer(best):
             shortest[sig] = row
     lines = []
     for sig, row in shortest.items():

@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,20 +31,31 @@ from fuzz.prompts.files import InputError, numbered_lines
 from fuzz.verdict import json_safe
 
 Key = tuple[int, str, str]  # (prompt_index, policy, bos_mode)
-IDENTITY = ("model_fingerprint", "engine", "bounds")
 
 
 def row_key(row: dict[str, Any]) -> Key:
     return int(row["prompt_index"]), str(row["policy"]), str(row["bos_mode"])
 
 
-class ResultsFile:
-    """The results file of one screen: what it holds already, and appending batches to it."""
+def key_text(key: Hashable) -> str:
+    """How an error names a screen's key: 'prompt 3, policy float16, no-bos'."""
+    index, policy, bos_mode = key  # type: ignore[misc]
+    return f"prompt {index}, policy {policy}, {bos_mode}"
 
-    def __init__(self, path: Optional[str | Path], identity: dict[str, Any]) -> None:
+
+class ResultsFile:
+    """The results file of one screen (or sweep, fuzz.sweep: its own key, identity and name):
+    what it holds already, and appending batches to it. Every key of `identity` must agree on
+    every line."""
+
+    def __init__(self, path: Optional[str | Path], identity: dict[str, Any],
+                 key_of: Callable[[dict[str, Any]], Hashable] = row_key,
+                 describe_key: Callable[[Hashable], str] = key_text,
+                 command: str = "fuzz screen") -> None:
         self.path = None if path is None else Path(path)  # None: the lines stay in memory
         self.identity = identity
-        self.done: set[Key] = set()
+        self.key_of, self.describe_key, self.command = key_of, describe_key, command
+        self.done: set[Hashable] = set()
         self.rows: list[dict[str, Any]] = []  # every line: the file's, then this run's
         self.rows_before = 0
         self._fd: Optional[int] = None
@@ -59,8 +70,8 @@ class ResultsFile:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(self._fd)
-                raise InputError(f"{self.path}: another screen is writing this file; wait for "
-                                 "it or give another --out") from None
+                raise InputError(f"{self.path}: another {self.command} is writing this "
+                                 "file; wait for it or give another --out") from None
         self._load()
         return self
 
@@ -85,7 +96,7 @@ class ResultsFile:
                                  "another --out, or move this file away")
             os.ftruncate(self._fd, end)
             print(f"{self.path}: removed an unfinished last line ({len(tail)} bytes) left by a "
-                  "killed screen; its batch is screened again", file=sys.stderr)
+                  f"killed {self.command}; its batch runs again", file=sys.stderr)
         self.rows_before = len(self.done)
 
     def _check(self, text: str) -> None:
@@ -95,19 +106,20 @@ class ResultsFile:
                 continue  # the end of the last line
             try:
                 row = json.loads(line)
-                key = row_key(row)
+                key = self.key_of(row)
             except (ValueError, KeyError, TypeError):
-                raise InputError(f"{self.path}:{n}: not a result line of `fuzz screen`; give "
-                                 "another --out, or move this file away") from None
-            theirs = {k: row.get(k) for k in IDENTITY}
+                raise InputError(f"{self.path}:{n}: not a result line of `{self.command}`; "
+                                 "give another --out, or move this file away") from None
+            theirs = {k: row.get(k) for k in self.identity}
             if theirs != self.identity:
                 differ = ", ".join(f"{k} {theirs[k]!r} (this run: {self.identity[k]!r})"
-                                   for k in IDENTITY if theirs[k] != self.identity[k])
+                                   for k in self.identity if theirs[k] != self.identity[k])
                 raise InputError(f"{self.path}:{n}: this file holds another run's results "
                                  f"({differ}); give another --out to keep both")
             if key in self.done:
-                raise InputError(f"{self.path}:{n}: a second line for prompt {key[0]}, policy "
-                                 f"{key[1]}, {key[2]}: the file was edited or merged by hand")
+                raise InputError(f"{self.path}:{n}: a second line for "
+                                 f"{self.describe_key(key)}: the file was edited or merged by "
+                                 "hand")
             self.done.add(key)
             self.rows.append(row)
 
@@ -118,7 +130,7 @@ class ResultsFile:
             return
         if self.path is None:
             self.rows += rows
-            self.done.update(row_key(r) for r in rows)
+            self.done.update(self.key_of(r) for r in rows)
             return
         data = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False, sort_keys=True) + "\n"
                        for r in rows).encode("utf-8")
@@ -128,7 +140,7 @@ class ResultsFile:
             raise OSError(f"{self.path}: wrote {written} of {len(data)} bytes (disk full?)")
         os.fsync(self._fd)
         self.rows += rows
-        self.done.update(row_key(r) for r in rows)
+        self.done.update(self.key_of(r) for r in rows)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
