@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the reproduce-command header, machine facts, tables, statistics.
+"""Shared by the benchmarks: the reproduce-command header, machine facts, tables (statistics
+across trials: _stats.py).
 
 Benchmarks print what they measured side by side in one run; they never assert on timings (the
 figures depend on the machine and on whatever else runs on it: the header prints the load
@@ -10,13 +11,16 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
+
+# Where benchmarks write files (plots, raw per-trial data) unless told otherwise; git ignores it.
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
 def reproduce_command() -> str:
@@ -32,21 +36,36 @@ def load_average() -> str:
         return "n/a"
 
 
+def machine_facts() -> dict[str, str]:
+    """What print_header says about where and when, as data: a benchmark's raw-data file keeps
+    it, so that figures merged from several files still say where each was measured."""
+    return {"command": reproduce_command(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{os.cpu_count()}-core {platform.machine()} {_cpu_name()}",
+            "cpu_flags": cpu_flags() or "n/a", "python": platform.python_version(),
+            "torch": str(torch.__version__), "torch_threads": str(torch.get_num_threads()),
+            "load_before": load_average()}
+
+
 def print_header(title: str) -> None:
     """The reproduce command first, then when and where the figures were measured."""
-    print(f"# reproduce: {reproduce_command()}")
+    facts = machine_facts()
+    print(f"# reproduce: {facts['command']}")
     print(f"# {title}")
-    print(f"# date: {datetime.now(UTC).isoformat(timespec='seconds')}")
-    print(f"# machine: {os.cpu_count()}-core {platform.machine()} {_cpu_name()}, "
-          f"python {platform.python_version()}, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"# cpu flags (the ones that pick matmul kernels): {cpu_flags() or 'n/a'}")
+    print(f"# date: {facts['date']}")
+    print(f"# machine: {machine_text(facts)}")
+    print(f"# cpu flags (the ones that pick matmul kernels): {facts['cpu_flags']}")
     if torch.cuda.is_available():
         print(f"# gpus: {', '.join(gpu_names())} (CUDA {torch.version.cuda})")
-    print(f"# load average before the run (1/5/15 min): {load_average()}"
+    print(f"# load average before the run (1/5/15 min): {facts['load_before']}"
           + ("   <- other processes were running: timings are skewed"
              if _busy() else ""))
     sys.stdout.flush()
+
+
+def machine_text(facts: dict[str, str]) -> str:
+    return (f"{facts['machine']}, python {facts['python']}, torch {facts['torch']}, "
+            f"torch threads {facts['torch_threads']}")
 
 
 def _busy() -> bool:
@@ -106,12 +125,6 @@ def _fmt(x: object) -> str:
             return str(x)
         return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
     return str(x)
-
-
-def median_with_censoring(values: Sequence[float]) -> float:
-    """The median where a run that found nothing within its budget counts as +inf (so the
-    median is a lower bound once more than half the runs failed)."""
-    return statistics.median(values) if values else math.nan
 
 
 class Stopwatch:

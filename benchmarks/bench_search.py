@@ -5,10 +5,10 @@ float16 (BOS on) exactly on a run of >= RUN consecutive digit tokens, finite in 
 its minimal triggers are the prompts of exactly RUN digits. Random prompts rarely hold long runs,
 while max |x| grows with every digit in the window (headroom is a gradient).
 
-For each RUN and each of SEEDS seeds, each searcher starts cold (empty corpus, a fresh example
-database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 40-example rounds
-(`fuzz run`'s defaults) until its first finding or its budget, drawing what `fuzz run` draws
-(fuzz.strategies.prompts with the model's vocabulary):
+For each RUN and each of N trials (--trials; seeds 0..N-1), each searcher starts cold (empty
+corpus, a fresh example database as `fuzz run` keeps one) and searches policy float16, BOS on,
+batch 8, 40-example rounds (`fuzz run`'s defaults) until its first finding or its budget,
+drawing what `fuzz run` draws (fuzz.strategies.prompts with the model's vocabulary):
   random    Hypothesis generation only: fuzz.search.round.Search with `target()` disabled and fresh
             draws only (no observations, so Hypothesis's target phase has nothing to climb);
   targeted  target() on -log2(content headroom), fresh draws only;
@@ -22,7 +22,12 @@ database as `fuzz run` keeps one) and searches policy float16, BOS on, batch 8, 
 Figures: prompts screened and seconds until the first failing batch (before shrinking), the
 batches Hypothesis then screened while shrinking, and whether the saved case (after the shrink
 and Session.finalize: text minimizer and explanation) is a minimal trigger. Targets: a searcher's
-median <= 1/3 of random's; >= 90% of saved cases minimal.
+median <= 1/3 of random's; >= 90% of saved cases minimal. Per searcher, as FuzzBench reports a
+fuzzer (benchmarks/_stats.py): the median prompts with its distribution-free 95% interval, and
+against random the Vargha-Delaney A12 and the Mann-Whitney U test's two-sided p; a search that
+found nothing within its budget counts as +inf prompts (worse than any that found, tied with the
+others that did not: the statistics are rank-based, so only that order matters). --plot writes
+the share of trials that had found by each number of prompts screened, per searcher.
 
 Bounds: 1 new token by default (the planted overflow fires in the prefill, so decode steps add
 time and change no finding); --max-new-tokens 16 gives fuzz run's bounds. The shrink is capped
@@ -42,8 +47,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from _common import print_header, print_table
+from _common import OUT_DIR, print_header, print_table
+from _stats import (
+    Panel,
+    compare,
+    median_interval,
+    require_scipy,
+    share_curve,
+    write_curves_png,
+)
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.reporting import with_reporter
@@ -65,6 +79,7 @@ from fuzz.verdict import Bounds, PromptSpec
 
 POLICY = "float16"
 SEARCHERS = ("random", "targeted", "default", "gradient", "seeded")
+DEFAULT_PLOT = OUT_DIR / "bench_search.png"
 
 
 @dataclass
@@ -222,6 +237,9 @@ def ratio_text(b: float, a: float, max_prompts: int) -> str:
     """b/a against the <= 1/3 target; a median past the budget is only known to exceed it."""
     if math.isinf(a) and math.isinf(b):
         return "undetermined (both medians are beyond the budget)"
+    if math.isinf(b):
+        return (f"(>{max_prompts})/{a:.0f} > {max_prompts / a:.2f} (MISSES the <= 0.33 target; "
+                "this searcher's median is beyond the budget)")
     if math.isinf(a):
         bound = b / max_prompts
         verdict = "meets" if bound <= 1 / 3 else "undetermined against"
@@ -232,31 +250,53 @@ def ratio_text(b: float, a: float, max_prompts: int) -> str:
            "0.33 target)"
 
 
+def prompts_to_first(rs: list[RunResult]) -> list[float]:
+    """Prompts screened until each trial's first finding; +inf for a search that found nothing
+    within its budget (worse than any that found; rank-based statistics need only that order)."""
+    return [r.prompts if r.found else math.inf for r in rs]
+
+
 def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
               shrink_cap: int, max_prompts: int, minimality: bool = True) -> None:
-    print("\n## Summary (median over seeds; a search that found nothing within its budget "
-          "counts as +inf)")
-    rows = []
+    print("\n## Summary (per searcher over its trials: median prompts to the first finding "
+          "[distribution-free 95% interval]; a search that found nothing within its budget "
+          f"counts as +inf, written >{max_prompts})")
+
+    def fmt(v: float) -> str:
+        return f">{max_prompts}" if math.isinf(v) else f"{v:g}"
+
+    rows, versus_rows = [], []
     medians: dict[tuple[int, str], float] = {}
     for run in runs:
+        baseline = prompts_to_first([r for r in results if r.run == run
+                                     and r.searcher == "random"])
         for searcher in searchers:
             rs = [r for r in results if r.run == run and r.searcher == searcher]
             if not rs:
                 continue
-            prompts_n = [r.prompts if r.found else math.inf for r in rs]
+            prompts_n = prompts_to_first(rs)
             seconds = [r.seconds if r.found else math.inf for r in rs]
             found = [r for r in rs if r.found]
-            medians[(run, searcher)] = statistics.median(prompts_n)
-            rows.append((run, searcher, f"{len(found)}/{len(rs)}", statistics.median(prompts_n),
-                         min(prompts_n), max(prompts_n), statistics.median(seconds),
+            median = median_interval(prompts_n)
+            medians[(run, searcher)] = median.median
+            rows.append((run, searcher, f"{len(found)}/{len(rs)}", median.text(fmt),
+                         fmt(min(prompts_n)), fmt(max(prompts_n)), statistics.median(seconds),
                          statistics.median([r.total_seconds for r in rs]),
                          statistics.median([r.shrink_batches for r in found] or [0]),
                          sum(bool(shrink_cap) and r.shrink_batches >= shrink_cap for r in found),
                          f"{sum(r.minimal for r in found)}/{len(found)}",
                          f"{sum(r.saved_text == '0' * run for r in found)}/{len(found)}"))
-    print_table(["run", "searcher", "found", "median prompts", "min", "max", "median s to 1st",
-                 "median s total", "median shrink batches", "shrink capped", "saved minimal",
-                 "saved = '0'*run"], rows)
+            # fewer prompts is better: both samples negated, so A12 > 0.5 favours `searcher`
+            versus = (compare([-v for v in prompts_n], [-v for v in baseline]).text()
+                      if searcher != "random" and baseline else "-")
+            versus_rows.append((run, searcher, " ".join(fmt(v) for v in prompts_n), versus))
+    print_table(["run", "searcher", "found", "median prompts [95%]", "min", "max",
+                 "median s to 1st", "median s total", "median shrink batches", "shrink capped",
+                 "saved minimal", "saved = '0'*run"], rows)
+    print("\nPrompts to the first finding per trial (seeds in order), and against random "
+          "(A12: the chance that this searcher's trial needs fewer prompts than random's, "
+          "ties half; U: this searcher's, on negated counts; p: two-sided Mann-Whitney):")
+    print_table(["run", "searcher", "per seed", "vs random"], versus_rows)
     print()
     for run in runs:
         a = medians.get((run, "random"))
@@ -274,16 +314,39 @@ def summarize(results: list[RunResult], runs: list[int], searchers: list[str],
                   f" = {share:.0%} ({'meets' if share >= 0.9 else 'MISSES'} the 90% target)")
 
 
+def plot_found(results: list[RunResult], runs: list[int], searchers: list[str],
+               max_prompts: int, path: Path) -> Path:
+    """One panel per RUN: the share of trials that had found by each number of prompts
+    screened, a line per searcher with its Wilson 95% interval shaded."""
+    top = max([max_prompts] + [r.prompts for r in results if r.found])
+    grid = list(range(top + 1))
+    panels = []
+    for run in runs:
+        curves = {}
+        for searcher in searchers:
+            rs = [r for r in results if r.run == run and r.searcher == searcher]
+            if rs:
+                curves[f"{searcher} ({len(rs)} trials)"] = share_curve(
+                    [r.prompts if r.found else None for r in rs], grid)
+        panels.append(Panel("share of trials that found", curves,
+                            f"tiny-digit-run-{run} (minimal trigger: {run} digits)"))
+    return write_curves_png(path, panels, "Planted float16 overflow: trials that found it by "
+                            "prompts screened (shaded: Wilson 95% interval)", "prompts screened")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="run 16 only, random and targeted, 10 seeds (~2-3 minutes)")
+                        help="run 16 only, random and targeted, 400 prompts (~2-3 minutes "
+                             "with 10 trials)")
     parser.add_argument("--runs", default=None,
                         help="comma-separated digit-run lengths (default 24; quick: 16)")
     parser.add_argument("--searchers", default=None,
-                        help=f"comma-separated, of {', '.join(SEARCHERS)} (default all three; "
+                        help=f"comma-separated, of {', '.join(SEARCHERS)} (default all; "
                              "quick: random,targeted)")
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--trials", "--seeds", dest="trials", type=int, default=10,
+                        help="trials per searcher and run, seeds 0..N-1 (default 10; --seeds N "
+                             "is the older name of the same option)")
     parser.add_argument("--max-prompts", type=int, default=None,
                         help="prompts per search before giving up (default 1500; quick: 400)")
     parser.add_argument("--budget", type=float, default=None,
@@ -303,8 +366,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="new tokens per prompt (default 1: the planted overflow fires in "
                              "the prefill, so decode steps add time but change no finding; "
                              "fuzz run's bound is 16)")
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT,
+                        help="PNG of the share of trials that found, by prompts screened "
+                             "(default benchmarks/out/bench_search.png)")
     args = parser.parse_args(argv)
-    runs = [int(x) for x in (args.runs or ("16" if args.quick else "24")).split(",")]
+    require_scipy()
+    if args.trials < 1:
+        parser.error(f"--trials must be >= 1, got {args.trials}")
+    try:
+        runs = [int(x) for x in (args.runs or ("16" if args.quick else "24")).split(",")]
+    except ValueError:
+        parser.error(f"--runs takes comma-separated integers (e.g. 24,40), got {args.runs!r}")
     searchers = (args.searchers or ("random,targeted" if args.quick else ",".join(SEARCHERS))
                  ).split(",")
     unknown = [s for s in searchers if s not in SEARCHERS]
@@ -316,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                   else (300 if args.quick else 1000))
     bounds = Bounds(max_new_tokens=args.max_new_tokens)
     print_header("search effectiveness on planted digit-run float16 overflows "
-                 f"(runs {runs}, searchers {searchers}, {args.seeds} seeds, budget "
+                 f"(runs {runs}, searchers {searchers}, {args.trials} trials, budget "
                  f"{max_prompts} prompts or {budget:.0f}s per search, batch {args.batch_size}, "
                  f"{args.round_examples}-example rounds, bounds {bounds.to_dict()}, shrink cap "
                  f"{shrink_cap or 'none'} batches)")
@@ -331,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(["searcher", "seed", "found", "prompts", "batches", "rounds", "s to 1st",
                      "s total", "shrink batches", "first failing prompt (longest digit run)",
                      "saved case", "minimal"], [])
-        for seed in range(args.seeds):
+        for seed in range(args.trials):
             for searcher in searchers:
                 r = search_once(session, searcher, run, seed, budget, max_prompts,
                                 args.round_examples, 1 if args.first_only else shrink_cap,
@@ -344,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.shrink_batches} | {first} | "
                       f"{r.saved_text!r} | {r.minimal} |", flush=True)
     summarize(results, runs, searchers, shrink_cap, max_prompts, not args.first_only)
+    print(f"\ncurves: {plot_found(results, runs, searchers, max_prompts, args.plot)}")
     return 0
 
 
