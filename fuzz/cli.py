@@ -114,6 +114,27 @@ def _prompt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
 
 
+def _save_args(p: argparse.ArgumentParser, what: str) -> None:
+    """screen's and sweep's --save, --save-time and --corpus (checked by _save_time)."""
+    p.add_argument("--save", action="store_true",
+                   help=f"save {what} to --corpus, minimized and measured under every kernel "
+                        "variation, as `run` saves findings")
+    p.add_argument("--save-time", type=parse_duration, default=None,
+                   help="with --save: how long one finding's minimizing may take (default 2m)")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="the corpus whose signatures are known (and --save's target)")
+
+
+def _save_time(args: argparse.Namespace) -> None:
+    """--save-time only with --save; its default otherwise."""
+    from fuzz.screen.command import SAVE_TIME_S
+
+    if args.save_time is not None and not args.save:
+        raise InputError("--save-time applies to --save: add --save or drop --save-time")
+    if args.save_time is None:
+        args.save_time = SAVE_TIME_S
+
+
 def _margin_arg(p: argparse.ArgumentParser) -> None:
     from fuzz.margin import MIN_MARGIN
 
@@ -361,26 +382,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- sweep -------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fuzz.screen.command import SAVE_TIME_S
     from fuzz.sweep.command import sweep_main
 
-    if args.save_time is not None and not args.save:
-        raise InputError("--save-time applies to --save: add --save or drop --save-time")
-    if args.save_time is None:
-        args.save_time = SAVE_TIME_S
+    _save_time(args)
     return sweep_main(args, _options(args))
 
 
 # --- screen ------------------------------------------------------------------------------------
 def cmd_screen(args: argparse.Namespace) -> int:
-    from fuzz.screen.command import SAVE_TIME_S, screen_main
+    from fuzz.screen.command import screen_main
 
     if args.no_bos and args.both_bos:
         raise InputError("--no-bos and --both-bos contradict each other: give one")
-    if args.save_time is not None and not args.save:
-        raise InputError("--save-time applies to --save: add --save or drop --save-time")
-    if args.save_time is None:
-        args.save_time = SAVE_TIME_S
+    _save_time(args)
     # a prompt file's InputError (fuzz.prompts.files) is a ValueError too: exit 2, file:line
     return screen_main(args, _options(args), bounds_from_args(args))
 
@@ -558,13 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files concatenated are the whole run's, batch for batch")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"prompts screened together (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--save", action="store_true",
-                   help="save each new signature's shortest prompt to --corpus, minimized and "
-                        "measured under every kernel variation, as `run` saves findings")
-    p.add_argument("--save-time", type=parse_duration, default=None,
-                   help="with --save: how long one finding's minimizing may take (default 2m)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS,
-                   help="the corpus whose signatures are known (and --save's target)")
+    _save_args(p, "each new signature's shortest prompt")
     p.add_argument("--report", help="also write PATH.md, PATH.html and PATH.json")
     p.add_argument("--fail-on-nonfinite", action="store_true",
                    help="exit 1 when any policy went non-finite (not only one declared safe)")
@@ -603,13 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default=None,
                    help="the matmul kernel that screens (native, fp32-accumulate, fp32-accumulate-"
                         "wide; default: fp32-accumulate-wide for float16 on a CPU, else native)")
-    p.add_argument("--save", action="store_true",
-                   help="save each new signature's token with the largest margin to --corpus, "
-                        "minimized and measured under every kernel variation, as `run` does")
-    p.add_argument("--save-time", type=parse_duration, default=None,
-                   help="with --save: how long one finding's minimizing may take (default 2m)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS,
-                   help="the corpus whose signatures are known (and --save's target)")
+    _save_args(p, "each new signature's token with the largest margin")
     p.add_argument("--report", help="also write PATH.md, PATH.json and PATH.png (the picture)")
     p.add_argument("--fail-on-nonfinite", action="store_true",
                    help="exit 1 when any token went non-finite, whatever the policy")

@@ -271,7 +271,7 @@ class FuzzJob:
         if self._extender is None:
             self._extender = ExtensionArm(self.session, self.seed)
         for spec, screened in self._extender.round(misses[0], mode.policy, self.known):
-            if screened.new:
+            if screened.new and screened.signature not in self.known:  # one save per signature
                 self._save(NewSignature(screened, spec), "extended")
             elif screened.verdict.finite:
                 self._misses[mode.name].offer(screened.verdict)

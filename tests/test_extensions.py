@@ -45,3 +45,27 @@ def test_extend_is_refused_on_another_engine():
     args = argparse.Namespace(long=False, batch_size=8, extend=True, min_margin=1.02)
     with pytest.raises(ValueError, match="--extend runs the built-in engine only"):
         FuzzJob.from_args(args, ModelOptions(spec="tiny", engine="upstream"), Bounds())
+
+
+def test_a_run_with_extend_saves_what_only_the_arm_can_reach(tmp_path, monkeypatch):
+    """The rounds draw only a non-digit prompt (the strategy replaced), so the digit run is out
+    of their reach; the seed prompt (RUN-1 digits after BOS) becomes the nearest miss, and the
+    arm's digit extension is the finding, saved as "extended"."""
+    from hypothesis import strategies as st
+
+    import fuzz.run
+    from fuzz.corpus import Corpus
+    from fuzz.precision import parse_policies
+
+    run = 6
+    monkeypatch.setattr(fuzz.run, "round_strategy",
+                        lambda fresh, *args, **kwargs: st.just("abc"))
+    session = Session(load_model(f"tiny-digit-run-{run}"), bounds=Bounds(max_new_tokens=2))
+    job = FuzzJob(session, parse_policies("float16"), [True], 20.0, Corpus(tmp_path / "corpus"),
+                  None, 0, 40, None, quiet=True, extend=True)
+    job.seed_texts = ["0" * (run - 1)]
+    job.main()
+    findings = job.summaries["float16"].findings
+    assert [(f.how, f.status) for f in findings] == [("extended", "saved")]
+    assert findings[0].verdict.prompt.startswith("0" * (run - 1))
+    assert job._extender.tokens >= session.model.tokenizer.n_words
