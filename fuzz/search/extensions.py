@@ -1,21 +1,20 @@
-"""The extension arm of `fuzz run --extend`: after each round, the mode's nearest miss with a slice
-of the vocabulary as its next token.
+"""The extension arm of `fuzz run --extend`: after each round, the mode's nearest miss with a
+slice of the vocabulary as its next token.
 
-Why this arm: in a causal model whether one more token overflows at its own position depends on
-that token alone, given the prompt before it (fuzz.next_token), and one decode step per
-candidate is cheap — on Gemma 3 270M ~500 candidates per second on a 2-core CPU against ~2
-whole prompts (benchmarks/README.md, "Sweep"). Every committed no-BOS case of the real model
-overflows at or next to its last prompt token, so the one-token extensions of the prompt that
-came closest are where the next finding most likely is.
+Why this arm: in a causal model whether one more token overflows at its own position depends on that
+token alone, given the prompt before it (fuzz.next_token), and one decode step per candidate is
+cheap — on Gemma 3 270M 535 candidates per second on a 2-core CPU against ~2 whole prompts of 16 new
+tokens (benchmarks/README.md, "fuzz sweep's rate"). Every committed no-BOS case of the real model
+overflows at or next to its last prompt token, so the one-token extensions of the prompt that came
+closest are where the next finding most likely is.
 
-Each round takes the next PER_ROUND ids of a seeded permutation of the vocabulary for that
-nearest miss (the whole vocabulary over enough rounds on one miss), runs them as next tokens
-(the screening kernel, non-finite ones and near misses again natively), and returns, screened
-as ordinary prompts (Session.screen: the faithful verdict, a new signature confirmed alone),
-every extension that went non-finite and the closest finite one: the job saves the first as
-findings and offers the second to the mode's nearest misses, so that the next round can extend
-it again. An extension whose text does not encode back to the same ids is not a prompt anyone
-can replay: it is left out.
+Each round takes the next PER_ROUND ids of a seeded permutation of the vocabulary for that nearest
+miss (the whole vocabulary over enough rounds on one miss), runs them as next tokens (the screening
+kernel, non-finite ones and near misses again natively), and returns, screened as ordinary prompts
+(Session.screen: the faithful verdict, a new signature confirmed alone), every extension that went
+non-finite and the closest finite one: the job saves the first as findings and offers the second to
+the mode's nearest misses, so that the next round can extend it again. An extension whose text does
+not encode back to the same ids is not a prompt anyone can replay: it is left out.
 """
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
 """`python -m fuzz sweep`: every vocabulary token as the next token after one prefix.
 
-The work: the vocabulary in batches of --batch-size consecutive token ids (batch i holds ids
-i*B .. i*B+B-1, whatever --tokens or --shard select), each one forward of the built-in engine
+The work: the vocabulary in batches of --batch-size consecutive token ids (batch i holds ids i*B ..
+i*B+B-1, whatever --tokens or --shard select), each one forward of the built-in engine
 (fuzz.next_token). On a CPU a float16 policy screens with float32-accumulated products
-("fp32-accumulate-wide", fuzz.engine.kernels: ~4x torch's native float16 rate on a CPU without
-avx512_fp16), and every token that went non-finite or came within NEAR_MISS_HEADROOM of the limit
-runs again with the native kernel in a batch of its own: its line holds the native result and
-says so (`kernel`). One JSON line per token (fuzz.screen.results' file: one write per batch,
-fsync, resumable, locked; a file of another sweep refused), a summary, a report with a
-picture, and with --save each new signature saved as a case under the corpus rules (the
-token's prompt, decoded, must encode back to the same ids; fuzz.screen.command.save_new).
+("fp32-accumulate-wide", fuzz.engine.kernels: 3.0x torch's native float16 rate on a CPU without
+avx512_fp16, benchmarks/README.md "fuzz sweep's rate"), and every token that went non-finite or came
+within NEAR_MISS_HEADROOM of the limit runs again with the native kernel in a batch of its own: its
+line holds the native result and says so (`kernel`). One JSON line per token (fuzz.screen.results'
+file: one write per batch, fsync, resumable, locked; a file of another sweep refused), a summary, a
+report with a picture, and with --save each new signature saved as a case under the corpus rules
+(the token's prompt, decoded, must encode back to the same ids; fuzz.screen.command.save_new).
 
-Exit 0 no token went non-finite (or the policy is declared unsafe and --fail-on-nonfinite was
-not given), 1 one did, 2 bad input.
+Exit 0 no token went non-finite (or the policy is declared unsafe and --fail-on-nonfinite was not
+given), 1 one did, 2 bad input.
 """
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ from fuzz.sweep.summary import SweepSummary
 from fuzz.verdict import Signature
 
 # Candidate tokens per forward. Measured on Gemma 3 270M float16, empty prefix, 2-core EPYC
-# without avx512_fp16 (benchmarks/bench_sweep.py): see benchmarks/README.md, "Sweep".
+# without avx512_fp16 (benchmarks/bench_sweep.py, "fuzz sweep's rate" in benchmarks/README.md):
+# 463 tokens/s at 64, 535 at 256, 554 at 512 (within 256's spread); 256 keeps a long prefix's
+# cache copies (batch x prefix x 18 layers) small.
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -153,13 +155,14 @@ def sweep_main(args: argparse.Namespace, session_options: Any) -> int:
                 "add_bos": prefix.add_bos, "batch_size": session.batch_size,
                 "screen_kernel": kernel_name}
     fingerprint = session.model.fingerprint
-    started, swept = time.monotonic(), 0
+    swept = 0
     with ResultsFile(args.out, identity, key_of=lambda row: int(row["token_id"]),
                      describe_key=lambda key: f"token {key}", command="fuzz sweep") as results:
         todo = [[t for t in batch if t not in results.done]
                 for batch in batches_of(tokens, session.batch_size, shard, vocab)]
         todo = [batch for batch in todo if batch]
         progress = CountProgress(sum(map(len, todo)), "token", args.quiet)
+        started = time.monotonic()  # after reading --out: the rate is the sweep's own
         try:
             for batch in todo:
                 rows = [result_line(prefix, tokenizer, policy.name, fingerprint, result, kernel,
@@ -183,8 +186,9 @@ def sweep_main(args: argparse.Namespace, session_options: Any) -> int:
              "tokens": f"{tokens.start}..{tokens.stop - 1}", "shard": f"{shard[0]}/{shard[1]}",
              "device": str(engine.device), "kernel": kernel_name,
              "batch size": session.batch_size, "result lines": len(rows),
-             "this run": f"{swept} tokens in {elapsed:.0f}s ({swept / max(elapsed, 1e-9):.0f} "
-                         f"tokens/s, {gflops:.1f} GFLOP/s without the LM head)"}
+             "this run": (f"{swept} tokens in {elapsed:.0f}s ({swept / max(elapsed, 1e-9):.0f} "
+                          f"tokens/s, {gflops:.1f} GFLOP/s without the LM head)" if swept else
+                          "nothing left to sweep: --out holds every token's line")}
     print(summary.console_text(facts))
     code = 0
     if summary.nonfinite and (policy.expected_safe or args.fail_on_nonfinite):
