@@ -130,6 +130,10 @@ class Trial:
     unmeasured: int  # findings the budget's tail left no time to measure, not saved
     best_headroom: float | None  # None: no finite prompt
     proposing_s: float | None  # the gradient arm's time (None: no gradient arm)
+    # the extension arm's turns and candidate tokens (None: no extension arm, or a raw-data file
+    # written before they were recorded)
+    arm_turns: int | None = None
+    arm_tokens: int | None = None
 
     @property
     def signature_times(self) -> list[float]:
@@ -175,7 +179,9 @@ def run_trial(session: Session, searcher: str, seed: int, budget_s: float,
     return Trial(searcher, seed, counts.examples, round(counts.seconds, 1), round(wall, 1), saved,
                  summary.marginal_total, summary.unmeasured_findings,
                  counts.best_headroom if math.isfinite(counts.best_headroom) else None,
-                 round(proposer.seconds, 1) if proposer else None)
+                 round(proposer.seconds, 1) if proposer else None,
+                 job._extender.rounds if job._extender else None,
+                 job._extender.tokens if job._extender else None)
 
 
 def write_data(path: Path, setup: dict, facts: dict, trials: list[Trial]) -> None:
@@ -220,12 +226,13 @@ def report(trials: list[Trial], budget_s: float, plot: Path) -> None:
     searchers = [s for s in SEARCHERS if any(t.searcher == s for t in trials)]
     print_table(["searcher", "seed", "prompts", "s in rounds", "job s (past budget)",
                  "robust signatures", "root causes", "marginal", "unmeasured", "best headroom",
-                 "s proposing", "saved: site @ s since start"],
+                 "s proposing", "arm turns (tokens)", "saved: site @ s since start"],
                 [(t.searcher, t.seed, t.prompts, f"{t.rounds_s:.0f}",
                   f"{t.wall_s:.0f} ({t.wall_s - budget_s:+.0f})", len(t.signature_times),
                   len(t.root_cause_times), t.marginal, t.unmeasured,
                   "-" if t.best_headroom is None else f"{t.best_headroom:.4f}",
                   "-" if t.proposing_s is None else f"{t.proposing_s:.0f}",
+                  "-" if t.arm_turns is None else f"{t.arm_turns} ({t.arm_tokens})",
                   "; ".join(f"{s['site']} @ {s['t']:.0f}" for s in t.saved) or "-")
                  for t in sorted(trials, key=lambda t: (SEARCHERS.index(t.searcher), t.seed))])
     by = {s: [t for t in trials if t.searcher == s] for s in searchers}

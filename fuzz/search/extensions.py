@@ -41,6 +41,7 @@ class ExtensionArm:
     seed: int
     per_round: int = PER_ROUND
     tokens: int = 0  # candidate next tokens run so far (what the arm screened)
+    rounds: int = 0  # turns in which it ran any
     _cursor: dict[tuple[int, ...], int] = field(default_factory=dict)
     _runner: Optional[tuple[tuple[tuple[int, ...], str], SweepRunner]] = None
 
@@ -58,6 +59,7 @@ class ExtensionArm:
                    for r, _, _ in runner.run_confirmed(tokens[i: i + BATCH], kernel,
                                                        NEAR_MISS_HEADROOM)]
         self.tokens += len(tokens)
+        self.rounds += 1
         failing = sorted((r for r in results if r.first is not None),
                          key=lambda r: -(r.margin or 0.0))[:MAX_FAILING]
         finite = [r for r in results if r.first is None]
