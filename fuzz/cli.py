@@ -34,6 +34,7 @@ from fuzz.advise.rule import DEFAULT_MAX_KLD
 from fuzz.advise.text import DEFAULT_CHUNKS as ADVISE_CHUNKS
 from fuzz.advise.text import DEFAULT_TOKENS as ADVISE_TOKENS
 from fuzz.corpus import Case, Corpus
+from fuzz.engine.kernels import KERNELS
 from fuzz.engine.loaded import ENGINES
 from fuzz.long import LONG_BATCH_SIZE, LONG_MAX_NEW_TOKENS, profile_bounds
 from fuzz.precision import POLICIES
@@ -608,9 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "modulo N (the same --batch-size everywhere)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tokens per forward (default 256)")
-    p.add_argument("--kernel", default=None,
-                   help="the matmul kernel that screens (native, fp32-accumulate, fp32-accumulate-"
-                        "wide; default: fp32-accumulate-wide for float16 on a CPU, else native)")
+    p.add_argument("--kernel", default=None, choices=KERNELS,
+                   help="the matmul kernel that screens (default: fp32-accumulate-wide for "
+                        "float16 on a CPU, else native)")
     _save_args(p, "each new signature's token with the largest margin")
     p.add_argument("--report", help="also write PATH.md, PATH.json and PATH.png (the picture)")
     p.add_argument("--fail-on-nonfinite", action="store_true",

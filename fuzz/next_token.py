@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from fuzz.engine.interface import Batch
+from fuzz.engine.interface import Batch, prompt_batch
 from fuzz.engine.kernels import kernel
 from fuzz.probe import CaptureResidual, Probe, first_nonfinite
 from fuzz.verdict import NonFinite, layer_label
@@ -95,10 +95,7 @@ class SweepRunner:
         ids = torch.tensor([self.prefix.ids], device=self.engine.device)
         n = ids.shape[1]
         cache = self.engine.new_cache(1, n)
-        positions = torch.arange(n, device=ids.device)[None]
-        batch = Batch(token_ids=ids, positions=positions, slot_start=0,
-                      key_valid=torch.ones(1, n, dtype=torch.bool, device=ids.device),
-                      key_positions=positions)
+        batch = prompt_batch(ids)
         probe = Probe()
         probe.begin_step()
         with kernel("native"):

@@ -12,6 +12,7 @@ import pytest
 
 from fuzz.cli import main
 from fuzz.corpus import Corpus
+from fuzz.engine.model import parameter_shapes
 from fuzz.engine.synthetic.planted import digit_token_ids
 from fuzz.engine.zoo import load_model
 from fuzz.next_token import SweepRunner, flops_per_token, make_prefix
@@ -158,11 +159,12 @@ def test_save_keeps_one_case_per_new_signature(tmp_path, capsys):
 
 
 def test_flops_per_token_counts_the_layers_not_the_head():
+    """Two FLOPs per weight of every layer's projections and MLP (counted from the model's own
+    parameter shapes, not from the formula), plus attention over position + 1 keys."""
     config = load_model("tiny").config
-    per_layer = (config.hidden_size * (config.num_attention_heads
-                                       + 2 * config.num_key_value_heads) * config.head_dim
-                 + config.num_attention_heads * config.head_dim * config.hidden_size
-                 + 3 * config.hidden_size * config.intermediate_size)
-    assert flops_per_token(config, 0) == 2 * config.num_hidden_layers * (
-        per_layer + 2 * config.num_attention_heads * config.head_dim)
-    assert math.isfinite(flops_per_token(config, 100))
+    layer_weights = sum(math.prod(shape) for name, shape in parameter_shapes(config).items()
+                        if name.startswith("model.layers.") and "proj" in name)
+    attention = 2 * config.num_attention_heads * config.head_dim  # QK and AV per key
+    for position in (0, 100):
+        assert flops_per_token(config, position) == 2 * (
+            layer_weights + config.num_hidden_layers * attention * (position + 1))

@@ -44,6 +44,7 @@ class ExtensionArm:
     rounds: int = 0  # turns in which it ran any
     _cursor: dict[tuple[int, ...], int] = field(default_factory=dict)
     _runner: Optional[tuple[tuple[tuple[int, ...], str], SweepRunner]] = None
+    _order: Optional[tuple[tuple[int, ...], list[int]]] = None  # (prompt ids, its permutation)
 
     def round(self, miss: Verdict, policy: PrecisionPolicy, known: set[Signature]
               ) -> list[tuple[PromptSpec, Screened]]:
@@ -88,11 +89,16 @@ class ExtensionArm:
         return runner
 
     def _next_slice(self, ids: tuple[int, ...]) -> list[int]:
-        """The next per_round ids of this prompt's own seeded permutation of the vocabulary."""
+        """The next per_round ids of this prompt's own seeded permutation of the vocabulary (the
+        last prompt's permutation kept: shuffling 262,144 ids again each round costs more than
+        the slice's lookup)."""
         vocab = self.session.model.tokenizer.n_words
         start = self._cursor.get(ids, 0)
-        order = list(range(vocab))
-        random.Random(f"{self.seed}/{ids}").shuffle(order)
+        if self._order is None or self._order[0] != ids:
+            order = list(range(vocab))
+            random.Random(f"{self.seed}/{ids}").shuffle(order)
+            self._order = (ids, order)
+        order = self._order[1]
         self._cursor[ids] = (start + self.per_round) % vocab
         return [order[(start + i) % vocab] for i in range(min(self.per_round, vocab))]
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fuzz.corpus import Corpus
-from fuzz.engine.kernels import KERNELS
 from fuzz.next_token import (
     Prefix,
     SweepError,
@@ -70,11 +69,11 @@ def token_range(text: Optional[str], vocab: int) -> range:
 def result_line(prefix: Prefix, tokenizer: Any, policy: str, fingerprint: str,
                 result: TokenResult, kernel_name: str, screened_headroom: Optional[float]
                 ) -> dict[str, Any]:
-    """One token's line (the results file adds the run's identity)."""
+    """One token's line (the results file adds the run's identity: policy, add_bos, ...)."""
     first = result.first
     row: dict[str, Any] = {
         "token_id": result.token_id, "piece": tokenizer.piece(result.token_id),
-        "policy": policy, "finite": first is None,
+        "finite": first is None,
         "status": "finite" if first is None else "nonfinite",
         "least_headroom": result.least_headroom,
         "least_headroom_site": "/".join(result.least_site),
@@ -93,7 +92,7 @@ def result_line(prefix: Prefix, tokenizer: Any, policy: str, fingerprint: str,
         margin=result.margin,
         signature=list(Signature.of(fingerprint, policy, prefix.add_bos, first)),
         # what a case would hold: the prompt as text, and whether it encodes back to these ids
-        prompt=text, add_bos=prefix.add_bos, chat=False,
+        prompt=text, chat=False,
         bos_mode="bos" if prefix.add_bos else "no-bos",
         source=f"sweep token {result.token_id}",
         round_trips=tokenizer.encode(text, bos=prefix.add_bos) == [*prefix.ids,
@@ -128,8 +127,6 @@ def batches_of(tokens: range, batch_size: int, shard: tuple[int, int], vocab: in
 
 def sweep_main(args: argparse.Namespace, session_options: Any) -> int:
     policy = get_policy(args.policy)
-    if args.kernel is not None and args.kernel not in KERNELS:
-        raise InputError(f"--kernel {args.kernel!r}: valid kernels are {', '.join(KERNELS)}")
     if session_options.engine != "builtin":
         raise InputError(f"--engine {session_options.engine}: sweep runs the built-in engine "
                          "only (it needs the forward without its LM head); drop --engine, then "
